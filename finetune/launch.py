@@ -1,0 +1,124 @@
+"""`make train` / `longtune train`: validate, prepare data, then start the ranks.
+
+With a DeepSpeed config the DeepSpeed launcher starts one process per GPU (all local GPUs by
+default, `num_gpus`, or a multi-node `hostfile`); without CUDA it runs `DS_ACCELERATOR=cpu`
+with 2 ranks, which is how CI exercises real ZeRO-2/3 training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from finetune.recipe import RECIPES_DIR, Recipe, RecipeError, load_recipe
+
+REPO_ROOT = RECIPES_DIR.parent
+CPU_RANKS = 2
+
+
+def find_file(ref: str, key: str) -> Path:
+    for cand in (Path(ref), REPO_ROOT / ref, RECIPES_DIR / ref):
+        if cand.is_file():
+            return cand
+    raise RecipeError(f"{key}: file '{ref}' not found (looked in ., {REPO_ROOT}, {RECIPES_DIR})")
+
+
+def zero_stage(recipe: Recipe) -> int | None:
+    if not recipe.deepspeed.config:
+        return None
+    cfg = json.loads(find_file(recipe.deepspeed.config, "deepspeed.config").read_text())
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def world(recipe: Recipe, ngpus: int | None) -> tuple[int, bool]:
+    """(processes per node, on_cpu)."""
+    if torch.cuda.is_available():
+        return (ngpus or recipe.deepspeed.num_gpus or torch.cuda.device_count()), False
+    return (ngpus or recipe.deepspeed.num_gpus or CPU_RANKS), True
+
+
+def dry_run(recipe: Recipe, ngpus: int | None) -> dict:
+    from finetune.model import estimate
+
+    n, on_cpu = world(recipe, ngpus)
+    est = estimate(recipe, n, zero_stage(recipe))
+    print("# resolved recipe")
+    print(recipe.to_yaml())
+    print(f"# trainable parameters: {est['trainable_params']:,} of {est['total_params']:,}"
+          f" ({100 * est['trainable_params'] / max(est['total_params'], 1):.2f}%)")
+    print(f"# per-{'rank' if on_cpu else 'GPU'} memory estimate ({n} ranks, ZeRO-{est['zero_stage']}, "
+          f"{est['precision']}, seq {recipe.seq_length}, batch {recipe.training.per_device_batch_size}):")
+    for k, v in est["per_gpu_gib"].items():
+        print(f"#   {k:<22} {v:8.2f} GiB")
+    print("# an estimate from the config alone (no weights loaded); attention layout: "
+          + ", ".join(sorted(set(est["attention_layers"]))))
+    return est
+
+
+def command(recipe_path: Path, recipe: Recipe, ngpus: int | None, hostfile: str | None, overwrite: bool) -> tuple[list[str], dict]:
+    env = dict(os.environ)
+    inner = ["--recipe", str(recipe_path)] + (["--overwrite"] if overwrite else [])
+    if not recipe.deepspeed.config:
+        return [sys.executable, "-m", "finetune.train", *inner], env
+    n, on_cpu = world(recipe, ngpus)
+    ds = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    cmd = [ds]
+    hostfile = hostfile or recipe.deepspeed.hostfile
+    if hostfile:
+        if not Path(hostfile).is_file():
+            raise RecipeError(f"deepspeed.hostfile: file not found: {hostfile}")
+        cmd += ["--hostfile", hostfile]
+    else:
+        cmd += ["--num_gpus", str(n)]
+    if on_cpu:
+        env["DS_ACCELERATOR"] = "cpu"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // n)))
+    cmd += ["--master_port", str(recipe.deepspeed.master_port), "--module", "finetune.train", *inner]
+    return cmd, env
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="longtune train", description="Train a recipe (DeepSpeed launcher).")
+    ap.add_argument("recipe")
+    ap.add_argument("overrides", nargs="*", help="section.key=value")
+    ap.add_argument("--dry-run", action="store_true", help="print the resolved recipe, parameter count and memory estimate")
+    ap.add_argument("--ngpus", type=int, default=None)
+    ap.add_argument("--hostfile", default=None)
+    ap.add_argument("--overwrite", action="store_true", help="delete another recipe's checkpoints in run_dir")
+    a = ap.parse_args(argv)
+    overrides = list(a.overrides)
+    overwrite = a.overwrite
+    for o in list(overrides):  # `make train ARGS="overwrite=true"`
+        if o.split("=", 1)[0] == "overwrite":
+            overwrite = str(o.split("=", 1)[1]).lower() in ("1", "true", "yes")
+            overrides.remove(o)
+    try:
+        recipe = load_recipe(a.recipe, overrides)
+        if a.dry_run:
+            dry_run(recipe, a.ngpus)
+            return 0
+        from finetune.train import check_run_dir, write_resolved
+        from data_prep.prepare import is_prepared, prepare
+
+        check_run_dir(recipe, overwrite=overwrite)
+        resolved = write_resolved(recipe)
+        if not is_prepared(recipe):
+            print(f"[longtune] preparing data into {recipe.data_dir}")
+            prepare(recipe)
+        cmd, env = command(resolved, recipe, a.ngpus, a.hostfile, overwrite)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("[longtune] " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -259,12 +259,19 @@ class EvalSection(Section):
         default_factory=lambda: ["longlora", "sliding"]
     )
     perplexity_stride: int = Field(default=256, gt=0)
+    #: Sliding-window protocol stride (new tokens scored per window); None = length // 2.
+    perplexity_sliding_stride: int | None = Field(default=None, gt=0)
     #: Max windows scored per length (CPU budget); None = all.
     perplexity_max_windows: int | None = Field(default=None, gt=0)
     passkey_trials: int = Field(default=10, gt=0)
     needle_depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     needle_trials: int = Field(default=1, gt=0)
     sink_threshold: float = Field(default=0.3, gt=0, le=1)
+    #: Sink statistics over queries 1..Q-1 (query 0 always puts all its attention on token 0);
+    #: False = every query, the definition of "When Attention Sink Emerges".
+    sink_exclude_first_query: bool = False
+    #: Greedy decode steps timed by the kv_cache suite after the prefill.
+    kv_decode_tokens: int = Field(default=32, gt=0)
     #: Compare with the base model (before tuning) where one is known.
     compare_base: bool = True
     #: Extra models to compare (name -> path), e.g. interpolation-only.

@@ -262,6 +262,13 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
     set_seed(recipe.seed)
     args = training_arguments(recipe, has_eval=eval_ds is not None)  # before the model: ZeRO-3 init
+    _ = args.device  # initialises torch.distributed on every rank
+    if args.deepspeed:
+        import deepspeed
+
+        # zero.Init reads the world size from deepspeed.comm, which accelerate leaves
+        # uninitialised on the CPU accelerator: without this ZeRO-3 sees a world of 1.
+        deepspeed.init_distributed()
     base_config = build_config(recipe)
     model = build_model(recipe)
     trainable, total = count_parameters(model)

@@ -34,8 +34,7 @@ ADAPTER_FILES = ("adapter_model.safetensors",)
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
 
 
-class ExportError(RuntimeError):
-    """A run that cannot be exported; the message says which file and what to do."""
+from finetune.export import ExportError  # noqa: E402  (defined before any submodule import)
 
 
 @dataclass

@@ -1,0 +1,169 @@
+"""H2O (Heavy-Hitter Oracle) cache.
+
+Per layer, per KV head and per sequence: keep the `num_sink_tokens` first tokens, the `recent`
+most recent tokens, and the `heavy` older tokens with the highest accumulated attention
+score; evict the rest. Kept keys differ per KV head and per row, so a layer stores gathered
+tensors (batch, kv_heads, kept, head_dim) with positions (batch, kv_heads, kept); every
+(row, head) keeps the same count, so the tensors stay rectangular.
+
+Scores come from the attention function (docs/design.md): `update` puts the cache in
+`kwargs["longtune_attention_observer"]`; the attention function computes the probabilities
+explicitly, in query chunks, and calls `observe_attention(layer_idx, probs)` with probs
+(batch, heads, q_chunk, k_len) *in query order*. Once all queries of the step were observed,
+the layer adds them to the scores and evicts down to its budget. Score of key j:
+- `score_normalization: none`: sum over every query so far of its probability on j;
+- `mean`: that sum divided by the number of queries that could see j (those at positions >= j),
+  which removes the bias towards early tokens.
+GQA: per-query-head scores are reduced over each KV group (`gqa_reduction`: mean or sum).
+Budgets in tokens (`heavy`, `recent`) or ratios of the prompt length (`heavy_ratio`,
+`recent_ratio`, resolved at the first update of each layer: int(ratio * prompt_length)).
+Ties go to the older token (stable sort).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import CompactLayer, FullLayer, PositionedCache
+
+
+class H2OLayer(CompactLayer):
+    observes_attention = True
+    batch_tensors = ("keys", "values", "positions", "scores")
+
+    def __init__(
+        self,
+        num_kv_groups: int,
+        heavy: int | None = None,
+        recent: int | None = None,
+        heavy_ratio: float | None = None,
+        recent_ratio: float | None = None,
+        num_sink_tokens: int = 4,
+        score_normalization: str = "none",
+        gqa_reduction: str = "mean",
+        **kwargs,
+    ):
+        super().__init__()
+        if heavy is None and heavy_ratio is None or recent is None and recent_ratio is None:
+            raise ValueError("H2O needs heavy or heavy_ratio, and recent or recent_ratio")
+        if score_normalization not in ("none", "mean"):
+            raise ValueError(f"score_normalization must be none|mean, got {score_normalization!r}")
+        if gqa_reduction not in ("mean", "sum"):
+            raise ValueError(f"gqa_reduction must be mean|sum, got {gqa_reduction!r}")
+        self.groups = int(num_kv_groups)
+        self.heavy, self.recent = heavy, recent
+        self.heavy_ratio, self.recent_ratio = heavy_ratio, recent_ratio
+        self.num_sink_tokens = int(num_sink_tokens)
+        self.score_normalization, self.gqa_reduction = score_normalization, gqa_reduction
+        self.scores: torch.Tensor | None = None  # (b, hkv, n) float32, summed probabilities
+        self.pending = 0  # queries of the last update not yet observed
+        self._acc: torch.Tensor | None = None  # this step's observed scores
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        b, h = key_states.shape[:2]
+        self.positions = torch.zeros(b, h, 0, dtype=torch.long, device=self.device)
+        self.scores = torch.zeros(b, h, 0, dtype=torch.float32, device=self.device)
+
+    def reset(self):
+        super().reset()
+        self.pending, self._acc = 0, None
+
+    @property
+    def budget(self) -> int | None:
+        """Tokens kept per (row, KV head) after an eviction; None before the first update."""
+        if self.heavy is None or self.recent is None:
+            return None
+        return self.num_sink_tokens + self.heavy + self.recent
+
+    def update(self, key_states, value_states, positions, *args, **kwargs):
+        if self.pending:
+            raise RuntimeError(
+                "H2O cache: the attention function did not report the attention probabilities of the "
+                "previous step (observe_attention). Run the model with attn_implementation='longtune' "
+                "(kernels.layout.install_layout) — make_cache does this."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        if self.seen == 0:  # prompt: resolve ratio budgets
+            if self.heavy is None:
+                self.heavy = int(self.heavy_ratio * q)
+            if self.recent is None:
+                self.recent = int(self.recent_ratio * q)
+        b, h = key_states.shape[:2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, positions.unsqueeze(1).expand(b, h, q)], dim=-1)
+        self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, q)], dim=-1)
+        self.seen += q
+        self.pending, self._acc = q, torch.zeros_like(self.scores)
+        return self.keys, self.values, self.positions
+
+    def observe(self, probs: torch.Tensor) -> None:
+        """probs (batch, heads, q_chunk, k_len) for the next q_chunk queries of this step."""
+        b, hq, qc, k = probs.shape
+        hkv = self.keys.shape[1]
+        if k != self.keys.shape[-2] or hq != hkv * self.groups or qc > self.pending:
+            raise ValueError(
+                f"observe_attention: probs {tuple(probs.shape)} do not match the layer (batch {b}, "
+                f"{hkv * self.groups} heads, <= {self.pending} pending queries, {self.keys.shape[-2]} keys)"
+            )
+        per_head = probs.float().sum(dim=2).view(b, hkv, self.groups, k)
+        per_kv = per_head.mean(dim=2) if self.gqa_reduction == "mean" else per_head.sum(dim=2)
+        self._acc += per_kv
+        self.pending -= qc
+        if self.pending == 0:
+            self.scores += self._acc
+            self._acc = None
+            self.evict()
+
+    def ranking_scores(self) -> torch.Tensor:
+        if self.score_normalization == "none":
+            return self.scores
+        # queries that could see key j: every token seen at position >= pos(j)
+        last = self.positions.amax(dim=-1, keepdim=True)
+        return self.scores / (last - self.positions + 1).clamp_min(1).float()
+
+    def evict(self) -> None:
+        n, s, r, hv = self.keys.shape[-2], self.num_sink_tokens, self.recent, self.heavy
+        if n <= s + r + hv:
+            return
+        dev = self.device
+        middle = self.ranking_scores()[..., s : n - r]  # candidates for heavy hitters
+        order = torch.sort(middle, dim=-1, descending=True, stable=True).indices[..., :hv]
+        heavy_idx = order.sort(dim=-1).values + s  # position order
+        b, h = heavy_idx.shape[:2]
+        idx = torch.cat(
+            [
+                torch.arange(s, device=dev).expand(b, h, s),
+                heavy_idx,
+                torch.arange(n - r, n, device=dev).expand(b, h, r),
+            ],
+            dim=-1,
+        )
+        d = self.keys.shape[-1]
+        self.keys = self.keys.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
+        self.values = self.values.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]))
+        self.positions = self.positions.gather(2, idx)
+        self.scores = self.scores.gather(2, idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise RuntimeError("H2O cache cannot be cropped")
+
+
+class H2OCache(PositionedCache):
+    """`method: h2o`: H2O layers on the chosen `layers`, full layers elsewhere."""
+
+    def __init__(self, num_layers: int, num_kv_groups: int, layers=None, prefill_chunk: int = 512, **h2o):
+        chosen = set(range(num_layers)) if layers is None else set(layers)
+        super().__init__([H2OLayer(num_kv_groups, **h2o) if i in chosen else FullLayer() for i in range(num_layers)])
+        #: query rows per chunk the attention function should use when it computes the
+        #: probabilities of a long step (prefill) for `observe_attention`
+        self.prefill_chunk = int(prefill_chunk)
+
+    def observe_attention(self, layer_idx: int, probs: torch.Tensor) -> None:
+        layer = self.layers[layer_idx]
+        if isinstance(layer, H2OLayer):
+            layer.observe(probs)

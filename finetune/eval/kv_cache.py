@@ -1,0 +1,132 @@
+"""KV-cache memory and generation speed for the full, H2O, sink and hybrid caches.
+
+For each method that applies to the model (``hybrid`` only for a LongGen layout) and each
+length: a fresh cache from ``finetune.caches.make_cache(model, kv_config)``, a prefill of the
+prompt (``length`` tokens) then ``decode_tokens`` greedy decode steps, one token at a time,
+timed separately (wall clock, ``time.perf_counter``, after one warm-up step). Reported:
+``nbytes`` (``cache.nbytes()`` after decoding: K/V actually held), its ratio to the full
+cache, prefill and decode tokens/s.
+
+Budgets (recorded with each result): H2O 10% heavy + 10% recent (the reference default);
+sink 4 sink tokens + a window of 20% of the prompt; hybrid the model's own layout. The
+export's ``kv_cache_config.json`` overrides the budgets of its own method.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+METHODS = ("full", "h2o", "sink", "hybrid")
+
+
+def default_kv_config(method: str, length: int, export_config: dict | None = None) -> dict:
+    from finetune.recipe import KVCacheSection
+
+    if export_config and export_config.get("method") == method:
+        return KVCacheSection(**export_config).model_dump(mode="json")
+    over: dict = {"method": method}
+    if method == "h2o":
+        over.update(heavy_ratio=0.1, recent_ratio=0.1)
+    elif method == "sink":
+        over.update(window=max(1, length // 5), num_sink_tokens=4)
+    return KVCacheSection(**over).model_dump(mode="json")
+
+
+def applicable_methods(model) -> dict[str, str | None]:
+    """method -> None when applicable, else the reason it is not."""
+    layout = getattr(model.config, "longtune_attention", None) or {}
+    sparse = any(e.get("pattern") in ("sink_window", "block_sparse") for e in layout.get("layers", []))
+    out: dict[str, str | None] = dict.fromkeys(METHODS)
+    if not sparse:
+        out["hybrid"] = "the model has no LongGen sparse layers (config.longtune_attention)"
+    return out
+
+
+def cache_kwarg(model) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _nbytes(cache) -> int:
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes())
+    try:
+        from finetune.caches import cache_nbytes
+    except ImportError:
+        cache_nbytes = None
+    if cache_nbytes is not None:
+        return int(cache_nbytes(cache))
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def measure(model, prompt: torch.Tensor, kv_config: dict, decode_tokens: int = 32) -> dict:
+    """Prefill ``prompt`` (1-D ids) into a fresh cache, decode greedily; sizes and speeds."""
+    from finetune.caches import make_cache
+
+    kw = cache_kwarg(model)
+    ids = prompt.reshape(1, -1).to(model.device)
+    cache = make_cache(model, kv_config)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True, **{kw: cache})
+    prefill_s = time.perf_counter() - t0
+    nxt = out.logits[:, -1:].argmax(-1)
+    nbytes_prefill = _nbytes(cache)
+    decode_s = 0.0
+    for step in range(decode_tokens + 1):
+        t0 = time.perf_counter()
+        out = model(input_ids=nxt, use_cache=True, **{kw: cache})
+        dt = time.perf_counter() - t0
+        if step:  # step 0 is a warm-up
+            decode_s += dt
+        nxt = out.logits[:, -1:].argmax(-1)
+    kept = cache.kept_tokens() if hasattr(cache, "kept_tokens") else None
+    return {
+        "kv_config": kv_config,
+        "cache_class": type(cache).__name__,
+        "prompt_tokens": int(ids.shape[1]),
+        "decode_tokens": decode_tokens,
+        "nbytes_after_prefill": nbytes_prefill,
+        "nbytes": _nbytes(cache),
+        "kept_tokens_per_layer": [int(k) if not isinstance(k, torch.Tensor) else int(k.max()) for k in kept]
+        if kept is not None else None,
+        "prefill_s": prefill_s,
+        "prefill_tokens_per_s": ids.shape[1] / prefill_s if prefill_s > 0 else None,
+        "decode_s": decode_s,
+        "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else None,
+    }
+
+
+def run(model, ids: torch.Tensor, cfg, export_config: dict | None = None, progress: bool = True) -> dict:
+    """``{"methods": {method: {length: result | {"error"}}}, "skipped": {method: reason}}``."""
+    ids = ids.reshape(-1)
+    decode_tokens = getattr(cfg, "kv_decode_tokens", 32)
+    methods = applicable_methods(model)
+    results: dict = {}
+    skipped = {m: why for m, why in methods.items() if why}
+    todo = [(m, L) for m in methods if not methods[m] for L in cfg.lengths]
+    for method, length in tqdm(todo, desc="kv cache", disable=not progress):
+        row = results.setdefault(method, {})
+        if ids.numel() < length:
+            row[str(length)] = {"error": f"evaluation text has {ids.numel()} tokens < {length}"}
+            continue
+        kv = default_kv_config(method, length, export_config)
+        try:
+            row[str(length)] = measure(model, ids[:length], kv, decode_tokens)
+        except Exception as e:  # recorded, not hidden: the summary shows it
+            row[str(length)] = {"kv_config": kv, "error": f"{type(e).__name__}: {e}"}
+    for method, rows in results.items():
+        for L, r in rows.items():
+            full = results.get("full", {}).get(L, {})
+            if "nbytes" in r and full.get("nbytes"):
+                r["fraction_of_full"] = r["nbytes"] / full["nbytes"]
+    return {"decode_tokens": decode_tokens, "methods": results, "skipped": skipped}

@@ -1,0 +1,131 @@
+"""PNG figures drawn from the results dict (the same numbers as results.json).
+
+Every function takes the suite's results and an output path, writes one PNG and returns the
+path, or None when there is nothing to draw.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def perplexity(results: dict, path: Path) -> Path | None:
+    """``{model: {protocol: {length: {"ppl"}|None}}}`` -> ppl vs length, one panel per protocol."""
+    protocols = sorted({p for per in results.values() for p in per})
+    if not protocols:
+        return None
+    fig, axes = plt.subplots(1, len(protocols), figsize=(5.5 * len(protocols), 4), squeeze=False)
+    drawn = False
+    for ax, proto in zip(axes[0], protocols):
+        for model, per in results.items():
+            pts = sorted((int(L), r["ppl"]) for L, r in per.get(proto, {}).items() if r)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
+                drawn = True
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"perplexity ({proto})")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    if not drawn:
+        plt.close(fig)
+        return None
+    return _save(fig, path)
+
+
+def passkey(results: dict, path: Path) -> Path | None:
+    """``{model: {length: {"accuracy"}}}`` -> accuracy vs length."""
+    if not results:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for model, per in results.items():
+        pts = sorted((int(L), r["accuracy"]) for L, r in per.items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_title("passkey retrieval")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def needle(results: dict, path: Path) -> Path | None:
+    """``{model: {"lengths", "depths", "accuracy"}}`` -> one depth x length heatmap per model."""
+    if not results:
+        return None
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
+    im = None
+    for ax, (model, grid) in zip(axes[0], results.items()):
+        acc = [list(col) for col in zip(*grid["accuracy"])]  # rows: depth, cols: length
+        im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(grid["lengths"])), [str(L) for L in grid["lengths"]])
+        ax.set_yticks(range(len(grid["depths"])), [f"{d:.0%}" for d in grid["depths"]])
+        ax.set_xlabel("context length")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"needle: {model}")
+        for i, row in enumerate(acc):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def sinks(results: dict, path: Path) -> Path | None:
+    """``{model: sink_stats}`` -> layer x head heatmap of first-token attention per model."""
+    if not results:
+        return None
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), squeeze=False)
+    im = None
+    for ax, (model, st) in zip(axes[0], results.items()):
+        im = ax.imshow(st["per_head"], vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{model}: {st['share_above']:.0%} heads > {st['threshold']}")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean attention on first token")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def kv_cache(results: dict, path: Path) -> Path | None:
+    """``{"methods": {method: {length: result}}}`` -> memory and decode speed per method."""
+    methods = results.get("methods", {})
+    rows = [(m, int(L), r) for m, per in methods.items() for L, r in per.items() if "nbytes" in r]
+    if not rows:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for m in methods:
+        pts = sorted((L, r) for mm, L, r in rows if mm == m)
+        if not pts:
+            continue
+        xs = [p[0] for p in pts]
+        a1.plot(xs, [p[1]["nbytes"] / 2**20 for p in pts], marker="o", label=m)
+        a2.plot(xs, [p[1]["decode_tokens_per_s"] or 0 for p in pts], marker="o", label=m)
+    for ax, title, ylabel in ((a1, "KV cache held", "MiB"), (a2, "decode speed", "tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    return _save(fig, path)

@@ -1,0 +1,173 @@
+"""summary.md (markdown tables) and the console headline, both from the results dict."""
+
+from __future__ import annotations
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        if v != v or v in (float("inf"), float("-inf")):
+            return str(v)
+        return f"{v:.{digits}g}" if abs(v) >= 1e4 else f"{v:.{digits}f}"
+    return str(v)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _lengths(per_model: dict) -> list[str]:
+    return sorted({L for rows in per_model.values() for L in rows}, key=int)
+
+
+def perplexity_md(res: dict) -> str:
+    parts = []
+    src = res.get("source", {})
+    parts.append(f"Text: {src.get('description', '?')} ({src.get('tokens', '?')} tokens).")
+    if src.get("note"):
+        parts.append(f"**Note:** {src['note']}")
+    data = res["results"]
+    for proto in res.get("protocols", []):
+        per = {m: d.get(proto, {}) for m, d in data.items()}
+        lengths = _lengths(per)
+        rows = []
+        for L in lengths:
+            row = [L]
+            for m in per:
+                r = per[m].get(L)
+                row.append(f"{r['ppl']:.3f} ({r['windows']}w)" if r else "— (text too short)")
+            rows.append(row)
+        desc = {
+            "longlora": f"LongLoRA protocol: windows every {res.get('stride')} tokens, all tokens scored, "
+            "mean of window losses",
+            "sliding": f"sliding window: stride {res.get('sliding_stride') or 'length/2'}, new tokens scored",
+        }[proto]
+        parts.append(f"**{proto}** — {desc}; max windows {res.get('max_windows') or 'all'}.\n")
+        parts.append(table(["length"] + list(per), rows))
+    return "\n\n".join(parts)
+
+
+def passkey_md(res: dict) -> str:
+    data = res["results"]
+    lengths = _lengths(data)
+    rows = []
+    for L in lengths:
+        row = [L]
+        for m in data:
+            r = data[m].get(L)
+            row.append(f"{r['accuracy']:.2f} ({sum(t['correct'] for t in r['trials'])}/{len(r['trials'])})" if r else "—")
+        rows.append(row)
+    return "Exact match of the 5-digit key, greedy decoding.\n\n" + table(["length"] + list(data), rows)
+
+
+def needle_md(res: dict) -> str:
+    parts = [f"Haystack: {res.get('haystack', '?')}. Accuracy per depth (rows) and length (columns)."]
+    for m, g in res["results"].items():
+        rows = [[f"{d:.0%}"] + [g["accuracy"][i][j] for i in range(len(g["lengths"]))] for j, d in enumerate(g["depths"])]
+        parts.append(f"**{m}**\n\n" + table(["depth"] + [str(L) for L in g["lengths"]], rows))
+    return "\n\n".join(parts)
+
+
+def sinks_md(res: dict) -> str:
+    data = res["results"]
+    if not data:
+        return ""
+    any_st = next(iter(data.values()))
+    q = "queries 1..Q-1" if any_st["exclude_first_query"] else "all queries (incl. query 0)"
+    rows = []
+    for m, st in data.items():
+        layers = ", ".join(f"{v:.2f}" for v in st["per_layer_share_above"])
+        rows.append([m, st["mean"], f"{st['share_above']:.1%} ({st['sink_heads']}/{st['heads']})", layers])
+    return (
+        f"Mean attention on the first token over {q}, {any_st['sequences']} sequence(s) of {any_st['length']} "
+        f"tokens; threshold {any_st['threshold']}.\n\n"
+        + table(["model", "mean first-token attention", "heads above threshold", "share per layer"], rows)
+    )
+
+
+def kv_md(res: dict) -> str:
+    rows = []
+    for method, per in res["methods"].items():
+        for L, r in sorted(per.items(), key=lambda kv: int(kv[0])):
+            if "error" in r:
+                rows.append([method, L, "error: " + r["error"][:120], "", "", ""])
+            else:
+                rows.append([
+                    method, L, f"{r['nbytes'] / 2**20:.3f}", r.get("fraction_of_full"),
+                    r["prefill_tokens_per_s"], r["decode_tokens_per_s"],
+                ])
+    out = (
+        f"Model: {res.get('model')}; {res['decode_tokens']} decode tokens after the prefill; CPU wall clock.\n\n"
+        + table(["method", "length", "KV held (MiB)", "fraction of full", "prefill tok/s", "decode tok/s"], rows)
+    )
+    if res.get("skipped"):
+        out += "\n\n" + "\n".join(f"- `{m}` not measured: {why}" for m, why in res["skipped"].items())
+    return out
+
+
+SECTIONS = {
+    "perplexity": ("Perplexity vs context length", perplexity_md),
+    "passkey": ("Passkey retrieval", passkey_md),
+    "needle": ("Needle in a haystack", needle_md),
+    "sinks": ("Attention sinks", sinks_md),
+    "kv_cache": ("KV cache memory and speed", kv_md),
+}
+
+
+def summary_md(results: dict) -> str:
+    lines = [f"# Evaluation of `{results['run_dir']}`", ""]
+    lines.append(f"{results['created']} · {results['environment']['device']} · torch {results['environment']['torch']}"
+                 f" · transformers {results['environment']['transformers']}")
+    lines.append("")
+    lines.append("## Models\n")
+    rows = [[n, i.get("source"), i.get("loader"), i.get("max_position_embeddings"), i.get("rope")]
+            for n, i in results["models"].items()]
+    lines.append(table(["name", "source", "loaded by", "max positions", "rope"], rows))
+    for reason in results.get("model_notes", []):
+        lines.append(f"\n- {reason}")
+    for suite, (title, fn) in SECTIONS.items():
+        res = results["suites"].get(suite)
+        if res is None:
+            continue
+        lines.append(f"\n## {title}\n")
+        lines.append(fn(res))
+        for fig in res.get("figures", []):
+            lines.append(f"\n![{suite}]({fig})")
+    if results.get("skipped"):
+        lines.append("\n## Skipped\n")
+        lines += [f"- **{s}**: {why}" for s, why in results["skipped"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def headline(results: dict) -> str:
+    """One row per model: the key number of each suite at each length (printed at the end)."""
+    suites = results["suites"]
+    header, cols = ["model"], []
+    if "perplexity" in suites:
+        proto = suites["perplexity"]["protocols"][0]
+        for L in _lengths({m: d.get(proto, {}) for m, d in suites["perplexity"]["results"].items()}):
+            header.append(f"ppl {proto} {L}")
+            cols.append(lambda m, L=L, p=proto: (suites["perplexity"]["results"].get(m, {}).get(p, {}).get(L) or {}).get("ppl"))
+    if "passkey" in suites:
+        for L in _lengths(suites["passkey"]["results"]):
+            header.append(f"passkey {L}")
+            cols.append(lambda m, L=L: (suites["passkey"]["results"].get(m, {}).get(L) or {}).get("accuracy"))
+    if "needle" in suites:
+        header.append("needle mean")
+
+        def _needle(m):
+            g = suites["needle"]["results"].get(m)
+            if not g:
+                return None
+            flat = [v for row in g["accuracy"] for v in row]
+            return sum(flat) / len(flat)
+
+        cols.append(_needle)
+    if "sinks" in suites:
+        header.append("sink heads")
+        cols.append(lambda m: (suites["sinks"]["results"].get(m) or {}).get("share_above"))
+    rows = [[m] + [c(m) for c in cols] for m in results["models"]]
+    return table(header, rows)

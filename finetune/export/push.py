@@ -1,0 +1,129 @@
+"""Upload an export to the Hugging Face Hub: `longtune push RUN_DIR --repo user/name`.
+
+The token comes from `token=`, `HF_TOKEN`, or the user's `huggingface-cli login`; it is never
+printed. `--dry-run` lists what would be uploaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+#: Files an export must hold before it can be pushed.
+REQUIRED = ("config.json", "README.md", "kv_cache_config.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class PushError(RuntimeError):
+    pass
+
+
+def resolve_export_dir(path: str | Path) -> Path:
+    """An export directory, or a run directory (-> its `export/`)."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if (p / "export" / "config.json").is_file():
+        return p / "export"
+    raise PushError(f"{p} holds no export (no config.json in it or in {p / 'export'}); run `longtune export {p}` first")
+
+
+def upload_files(export_dir: Path) -> list[tuple[str, int]]:
+    """(relative path, bytes) of everything that would be uploaded; hidden files are skipped."""
+    files = []
+    for f in sorted(export_dir.rglob("*")):
+        rel = f.relative_to(export_dir)
+        if not f.is_file() or any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
+            continue
+        files.append((rel.as_posix(), f.stat().st_size))
+    return files
+
+
+def check_export(export_dir: Path, files: list[tuple[str, int]]) -> None:
+    names = {n for n, _ in files}
+    missing = [r for r in REQUIRED if r not in names]
+    if missing:
+        raise PushError(f"{export_dir} is not a complete longtune export (missing {', '.join(missing)})")
+    if not any(n.endswith(".safetensors") for n in names):
+        raise PushError(f"{export_dir} has no safetensors weights")
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise PushError(f"{export_dir} holds pickle files ({', '.join(pickles)}); longtune only publishes safetensors")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def push(export_dir, repo: str, private: bool = True, dry_run: bool = False, token: str | None = None, out=None):
+    """Create `repo` (if needed) and upload the export folder. Returns the files as (path, bytes).
+
+    `export_dir` may be a run directory (its `export/` is used).
+    """
+    out = out or sys.stdout
+    if not repo or repo.count("/") != 1 or not all(repo.split("/")):
+        raise PushError(f"--repo must look like user/name (got {repo!r})")
+    export_dir = resolve_export_dir(export_dir)
+    files = upload_files(export_dir)
+    check_export(export_dir, files)
+    total = sum(s for _, s in files)
+    visibility = "private" if private else "public"
+    if dry_run:
+        print(f"dry run: would upload {len(files)} files ({_size(total)}) from {export_dir} "
+              f"to {visibility} model repo {repo}:", file=out)  # fmt: skip
+        for name, size in files:
+            print(f"  {name}  {_size(size)}", file=out)
+        return files
+
+    from huggingface_hub import HfApi
+
+    token = token or os.environ.get("HF_TOKEN") or None  # None: the cached `hf auth login` token
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id=repo, repo_type="model", private=private, exist_ok=True)
+    api.upload_folder(
+        folder_path=str(export_dir),
+        repo_id=repo,
+        repo_type="model",
+        commit_message="Upload longtune export",
+        allow_patterns=[n for n, _ in files],
+    )
+    print(f"uploaded {len(files)} files ({_size(total)}) to {url}", file=out)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="longtune push", description="Upload a run's export to the Hugging Face Hub")
+    ap.add_argument("run_dir", help="run directory (its export/ is pushed) or an export directory")
+    ap.add_argument("--repo", help="user/name on the Hub (default: the recipe's export.hub_repo)")
+    vis = ap.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_true", default=None, help="private repo (default)")
+    vis.add_argument("--public", dest="private", action="store_false", help="public repo")
+    ap.add_argument("--dry-run", action="store_true", help="list the files and sizes, upload nothing")
+    a = ap.parse_args(argv)
+    repo, private = a.repo, a.private
+    recipe_file = Path(a.run_dir) / "recipe.yaml"
+    if (repo is None or private is None) and recipe_file.is_file():
+        from finetune.recipe import load_recipe
+
+        r = load_recipe(recipe_file)
+        repo = repo or r.export.hub_repo
+        private = r.export.private if private is None else private
+    if repo is None:
+        print("error: --repo user/name is required (or set export.hub_repo in the recipe)", file=sys.stderr)
+        return 2
+    try:
+        push(a.run_dir, repo, private=True if private is None else private, dry_run=a.dry_run)
+    except PushError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

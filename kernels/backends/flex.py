@@ -1,0 +1,68 @@
+"""FlexAttention: the predicate compiled into a BlockMask; fully masked blocks are skipped.
+
+Compiled with torch.compile on GPU and CPU. PyTorch has no FlexAttention backward on CPU, so on
+CPU this backend serves inference/forward only (``auto`` never picks it for CPU training).
+Compiling costs ~20 s per shape on CPU: set LONGTUNE_FLEX_COMPILE=0 (tests do) for the eager
+path, which materialises the scores but checks the same block mask.
+Block masks are cached per (pattern, shape, device) when the context is trivial (no padding,
+one document); otherwise they depend on the batch and are rebuilt per call.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels.masks import MaskContext, head_dependent, mask_mod
+
+_BLOCK_MASKS: dict = {}
+_COMPILED = None
+
+
+def compile_enabled() -> bool:
+    return os.environ.get("LONGTUNE_FLEX_COMPILE", "1") != "0"
+
+
+def _flex():
+    global _COMPILED
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not compile_enabled():
+        return flex_attention
+    if _COMPILED is None:
+        _COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED
+
+
+def block_mask(spec: dict, ctx: MaskContext, num_heads: int, q_len: int, k_len: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    heads = num_heads if head_dependent(spec, num_heads) else None
+    key = None
+    if ctx.trivial:
+        key = (tuple(sorted((k, str(v)) for k, v in spec.items())), heads, q_len, k_len, str(device))
+        if key in _BLOCK_MASKS:
+            return _BLOCK_MASKS[key]
+    bm = create_block_mask(mask_mod(spec, ctx, num_heads), None if ctx.trivial else ctx.batch, heads,
+                           q_len, k_len, device=device)
+    if key is not None:
+        _BLOCK_MASKS[key] = bm
+    return bm
+
+
+def clear_cache() -> None:
+    _BLOCK_MASKS.clear()
+
+
+def forward(q, k, v, spec: dict, ctx: MaskContext, scale: float) -> torch.Tensor:
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise NotImplementedError(
+            "FlexAttention has no backward on CPU: set the layout's backend to 'sdpa_groups', 'sdpa' "
+            "or 'dense' (or 'auto') for CPU training"
+        )
+    bm = block_mask(spec, ctx, q.shape[1], q.shape[2], k.shape[2], q.device)
+    out = _flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if not ctx.trivial:
+        out = out * ctx.valid_q[:, None, :, None].to(out.dtype)
+    return out

@@ -1,0 +1,68 @@
+"""The cache protocol (docs/design.md): transformers hands `cache.update` the *same* kwargs dict
+that the attention module then unpacks into the attention function. longtune's caches rely on
+it to pass key positions and the H2O observer; if a transformers release changes it, this fails."""
+
+import torch
+from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from finetune.caches.base import OBSERVER_KEY, POSITIONS_KEY
+from finetune.caches.sink_window import SinkWindowCache
+
+SPY = "longtune_protocol_spy"
+SEEN: list[dict] = []
+
+
+def _spy_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    SEEN.append({"layer": module.layer_idx, "keys": set(kwargs), "kwargs": kwargs, "k_len": key.shape[-2]})
+    b, h, q, d = query.shape
+    return torch.zeros(b, q, h, d, dtype=query.dtype), None
+
+
+class _MarkingCache(DynamicCache):
+    """A cache that writes a sentinel into the kwargs dict it receives."""
+
+    def update(self, key_states, value_states, layer_idx, *args, kwargs=None, **extra):
+        assert kwargs is not None, "transformers no longer passes kwargs= to Cache.update"
+        kwargs["longtune_protocol_sentinel"] = ("layer", layer_idx)
+        return super().update(key_states, value_states, layer_idx)
+
+
+def _model(layers=2):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=128,
+    )  # fmt: skip
+    m = LlamaForCausalLM(cfg).eval()
+    AttentionInterface.register(SPY, _spy_attention)
+    m.config._attn_implementation = SPY
+    return m
+
+
+def test_update_kwargs_reach_the_attention_function():
+    m = _model()
+    SEEN.clear()
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        m(input_ids=ids, cache=_MarkingCache(), use_cache=True)
+    assert [s["layer"] for s in SEEN] == [0, 1]
+    for s in SEEN:
+        assert s["kwargs"].get("longtune_protocol_sentinel") == ("layer", s["layer"]), (
+            "the kwargs dict given to cache.update is no longer the one passed to the attention "
+            "function: longtune caches cannot annotate key positions / the H2O observer"
+        )
+        assert "position_ids" in s["keys"], "position_ids no longer reach the attention function"
+
+
+def test_positioned_cache_annotates_positions():
+    m = _model()
+    SEEN.clear()
+    cache = SinkWindowCache(2, window=3, num_sink_tokens=1)
+    with torch.no_grad():
+        m(input_ids=torch.randint(0, 64, (2, 6)), cache=cache, use_cache=True)
+        m(input_ids=torch.randint(0, 64, (2, 1)), cache=cache, use_cache=True)
+    last = SEEN[-1]["kwargs"]
+    assert last[POSITIONS_KEY].tolist() == [[0, 3, 4, 5, 6]] * 2  # sink, window of 3, new token
+    assert SEEN[-1]["k_len"] == 5
+    assert OBSERVER_KEY not in last
+    assert cache.get_seq_length() == 7  # tokens seen, not kept

@@ -1,0 +1,154 @@
+"""LongGen hybrid cache: compact generation == full cache + the same sparse masks; bytes == formula."""
+
+from fractions import Fraction
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StoppingCriteria
+
+from finetune.caches import make_cache
+from finetune.caches.hybrid import BlockSparseLayer, HybridCache
+from finetune.caches.reference import register
+from finetune.caches.sink_window import SinkWindowLayer
+
+REF = register()  # plain reference attention that honours the cache protocol
+
+
+def tiny(layouts, dtype=torch.float64, seed=0, heads=4, kv_heads=2, vocab=97):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=len(layouts), num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    m = LlamaForCausalLM(cfg).to(dtype).eval()
+    m.config.longtune_attention = {"version": 1, "backend": "auto", "cross_document": False, "layers": layouts}
+    m.config._attn_implementation = REF
+    return m
+
+
+def greedy(model, ids, cache, n):
+    with torch.no_grad():
+        return model.generate(
+            ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=n, min_new_tokens=n,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+
+
+SW = {"pattern": "sink_window", "window": 8, "num_sink_tokens": 2}
+FULL = {"pattern": "causal"}
+
+
+@pytest.mark.parametrize(
+    "layouts",
+    [
+        [SW, FULL, SW],
+        [
+            {"pattern": "block_sparse", "block_size": 4, "local_blocks": 2, "stride": 4, "head_step": 0},
+            FULL,
+            {"pattern": "sink_window", "window": 5, "num_sink_tokens": 0},
+            {"pattern": "block_sparse", "block_size": 3, "local_blocks": 2, "stride": 8, "head_step": None},
+        ],
+    ],
+    ids=["sink_window", "mixed"],
+)
+def test_hybrid_generate_equals_full_cache_with_masks(layouts):
+    m = tiny(layouts)
+    ids = torch.randint(0, 97, (2, 40))  # prompt longer than every window
+    full = greedy(m, ids, DynamicCache(), 24)
+    cache = HybridCache(m.config)
+    compact = greedy(m, ids, cache, 24)
+    assert torch.equal(full, compact)
+    seen = 40 + 24 - 1
+    assert cache.get_seq_length() == seen
+    kept = cache.kept_tokens()
+    for entry, k in zip(layouts, kept):
+        if entry["pattern"] == "causal":
+            assert k == seen
+        else:
+            assert k < seen  # the layer really evicted
+    # the sparse masks matter: the same model with plain causal attention generates differently
+    m.config.longtune_attention = {**m.config.longtune_attention, "layers": [FULL] * len(layouts)}
+    with torch.no_grad():
+        a = m(ids).logits
+        m.config.longtune_attention = {**m.config.longtune_attention, "layers": layouts}
+        b = m(ids).logits
+    assert not torch.allclose(a, b)
+
+
+def test_hybrid_bytes_equal_formula():
+    L, F, W, s = 6, 2, 8, 2
+    sw = {"pattern": "sink_window", "window": W, "num_sink_tokens": s}
+    layouts = [sw, sw, FULL, FULL, sw, sw]
+    m = tiny(layouts, dtype=torch.float32)
+    ids = torch.randint(0, 97, (1, 30))
+    steps = []
+
+    class Record(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            steps.append((cache.get_seq_length(), cache.nbytes(), cache.kept_tokens()))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    cache = HybridCache(m.config)
+    with torch.no_grad():
+        m.generate(ids, cache=cache, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
+                   stopping_criteria=[Record()])  # fmt: skip
+    kv_heads, head_dim = 2, 32 // 4
+    per_token_layer = 2 * kv_heads * head_dim * 4  # K and V, fp32, batch 1
+    for T, nbytes, kept in steps:
+        assert kept == [min(T, W + s)] * 2 + [T] * 2 + [min(T, W + s)] * 2
+        assert nbytes == per_token_layer * (F * T + (L - F) * min(T, W + s))
+        full_bytes = per_token_layer * L * T
+        assert Fraction(nbytes, full_bytes) == Fraction(F, L) + Fraction(L - F, L) * Fraction(W + s, T)
+
+
+def test_ring_buffer_matches_brute_force():
+    torch.manual_seed(1)
+    for s, w in [(2, 5), (0, 3), (4, 1)]:
+        layer = SinkWindowLayer(w, s)
+        allk = []
+        n = 0
+        for q in [7, 1, 1, 2, 1, 9, 1, 1, 1, 4, 1]:
+            k = torch.randn(2, 2, q, 3)
+            pos = torch.arange(n, n + q).expand(2, q)
+            before = layer.ordered()[0] if layer.is_initialized else k[..., :0, :]
+            ret, _, rpos = layer.update(k, k.clone(), pos)
+            assert torch.equal(ret, torch.cat([before, k], dim=-2))
+            allk.append(k)
+            n += q
+            every = torch.cat(allk, dim=-2)
+            keep = list(range(min(s, n))) + list(range(max(min(s, n), n - w), n)) if n > s + w else list(range(n))
+            ok, _, op = layer.ordered()
+            assert torch.equal(ok, every[..., keep, :])
+            assert op[0].tolist() == keep
+            assert layer.kept() == len(keep) <= s + w
+
+
+def test_block_sparse_keeps_what_the_pattern_can_reach():
+    from finetune.caches.reference import pattern_mask
+
+    entry = {"pattern": "block_sparse", "block_size": 3, "local_blocks": 2, "stride": 5, "head_step": 1}
+    layer = BlockSparseLayer(3, 2, 5, num_heads=2, head_step=1)
+    n = 0
+    for q in [10, 1, 1, 1, 5, 1, 1, 1, 1, 1, 1, 1, 1, 7, 1]:
+        layer.update(torch.randn(1, 1, q, 2), torch.randn(1, 1, q, 2), torch.arange(n, n + q).unsqueeze(0))
+        n += q
+        # brute force: a key is needed iff some future query (any head) can see it
+        qpos = torch.arange(n, n + 40).view(1, 1, -1, 1)
+        kpos = torch.arange(n).view(1, 1, 1, -1)
+        needed = pattern_mask(entry, qpos, kpos, 2).any(dim=(0, 1, 2)).nonzero().squeeze(-1).tolist()
+        assert layer.positions[0].tolist() == needed
+
+
+def test_hybrid_with_kernels_longtune_function():
+    registry = pytest.importorskip("kernels.registry")
+    layout_mod = pytest.importorskip("kernels.layout")
+    layouts = [SW, FULL, SW]
+    m = tiny(layouts)
+    layout_mod.install_layout(m.config, {"version": 1, "backend": "auto", "cross_document": False, "layers": layouts})
+    assert m.config._attn_implementation == "longtune"
+    ids = torch.randint(0, 97, (2, 40))
+    full = greedy(m, ids, DynamicCache(), 16)
+    cache = make_cache(m, {"version": 1, "method": "hybrid"})
+    assert isinstance(cache, HybridCache)
+    assert torch.equal(full, greedy(m, ids, cache, 16))
+    assert registry is not None

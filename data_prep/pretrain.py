@@ -48,8 +48,14 @@ def tokenize_documents(ds, tokenizer, num_proc: int, cache_file: str):
     )
 
 
-def pack(values: np.ndarray, offsets: np.ndarray, order: np.ndarray, seq_length: int, sep: int | None,
-         sep_after: bool = False):
+def pack(
+    values: np.ndarray,
+    offsets: np.ndarray,
+    order: np.ndarray,
+    seq_length: int,
+    sep: int | None,
+    sep_after: bool = False,
+):
     """Pack documents `values[offsets[j]:offsets[j+1]]` for j in `order` into rows of `seq_length`.
 
     Returns (input_ids [rows, seq_length], position_ids [rows, seq_length], segment lengths

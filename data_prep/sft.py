@@ -77,9 +77,11 @@ def _render_prefix(render, msgs):
     """The conversation before an assistant turn, with the generation prompt that opens the turn."""
     if msgs:
         return render(msgs, True)
+    from jinja2 import TemplateError
+
     try:  # an assistant turn first: some templates cannot render an empty conversation
         return render([], True)
-    except Exception:
+    except (TemplateError, IndexError, KeyError, TypeError, ValueError):
         return []
 
 
@@ -90,7 +92,9 @@ def tokenize_samples(ds, tokenizer, data, seq_length: int, num_proc: int, cache_
     def one(instruction, input, output, messages):
         if messages:
             if not getattr(tokenizer, "chat_template", None):
-                raise ValueError(f"tokenizer '{name}' has no chat template, which chat records (messages) need")
+                raise ValueError(
+                    f"tokenizer '{name}' has no chat template, which chat records (messages) need"
+                )
             msgs = json.loads(messages)
             ids, labels = encode_chat(tokenizer, msgs)
             empty = all(not m["content"].strip() for m in msgs if m["role"] == "assistant")

@@ -9,8 +9,8 @@ message names ("file.jsonl:12", "data.parquet record 7"), `record` a dict of raw
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from data_prep.assets import resolve_corpus
 from data_prep.errors import DataError
@@ -78,12 +78,13 @@ def _rows(ds, origin: str) -> Iterator[Record]:
 
 
 def load_parquet(src) -> Iterator[Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for f in _files(Path(src.path), (".parquet",)):
         try:
             pf = pq.ParquetFile(f)
-        except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        except (pa.ArrowException, OSError, ValueError) as e:
             raise DataError(f"{f}: cannot read as parquet: {e}") from None
         i = 0
         for batch in pf.iter_batches(batch_size=1024):
@@ -105,7 +106,9 @@ def load_disk(src) -> Iterator[Record]:
         raise DataError(f"{path}: not a dataset saved with save_to_disk ({e})") from None
     if isinstance(ds, datasets.DatasetDict):
         if src.split not in ds:
-            raise DataError(f"{path}: no split '{src.split}' (splits: {', '.join(ds)}); set the source's split")
+            raise DataError(
+                f"{path}: no split '{src.split}' (splits: {', '.join(ds)}); set the source's split"
+            )
         ds = ds[src.split]
     yield from _rows(ds, f"{path}[{src.split}]")
 
@@ -162,7 +165,9 @@ def sft_record(where: str, rec: dict, data) -> dict:
         if not isinstance(msgs, list) or not msgs:
             raise DataError(f"{where}: '{data.messages_field}' must be a non-empty list of messages")
         for j, m in enumerate(msgs):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            if not (
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            ):
                 raise DataError(
                     f"{where}: message {j} of '{data.messages_field}' needs string 'role' and 'content'"
                 )
@@ -205,7 +210,11 @@ def read_source(src, data, scratch: Path):
     def gen():
         for where, rec in LOADERS[src.type](src):
             seen[0] += 1
-            yield pretrain_record(where, rec, src) if data.format == "pretrain" else sft_record(where, rec, data)
+            yield (
+                pretrain_record(where, rec, src)
+                if data.format == "pretrain"
+                else sft_record(where, rec, data)
+            )
 
     if data.format == "pretrain":
         features = datasets.Features({"text": datasets.Value("string"), "_where": datasets.Value("string")})

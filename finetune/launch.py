@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[longtune] preparing data into {recipe.data_dir}")
             prepare(recipe)
         cmd, env = command(resolved, recipe, a.ngpus, a.hostfile, overwrite)
-    except RecipeError as e:
+    except (RecipeError, ValueError, FileNotFoundError) as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("[longtune] " + " ".join(cmd), flush=True)

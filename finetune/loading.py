@@ -43,6 +43,10 @@ def _dtype(dtype) -> Any:
 
 
 def _resolve(path: Path) -> Path:
+    if not path.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+        from huggingface_hub import snapshot_download  # a Hub repo id: a pushed export
+
+        path = Path(snapshot_download(repo_id=str(path)))
     if (path / "config.json").is_file() or (path / "longtune_model.json").is_file():
         return path
     for sub in ("export", "final"):
@@ -70,7 +74,7 @@ def resolve_kv_cache(model, kv_cache) -> dict | None:
     if kv_cache == "full":
         return None
     if isinstance(kv_cache, str):
-        raise ValueError(f"kv_cache must be None, 'full' or a KV-cache config dict (got {kv_cache!r})")
+        raise ValueError(f"kv_cache must be None, 'full' or a KV-cache config dict (got {kv_cache!r})")  # noqa: TRY004
     return kv_config.validate(kv_cache, model.config, where="kv_cache")
 
 
@@ -88,7 +92,8 @@ def generate_with_cache(model, *args, kv_cache=None, **kwargs):
         # Loaded by plain transformers (trust_remote_code + custom_generate): read the file.
         from finetune.export import kv_config
 
-        cfg = kv_config.read(getattr(model, "name_or_path", "") or ".")
+        where = _model_dir(model)
+        cfg = kv_config.read(where) if where else None
         if cfg is not None:
             cfg = kv_config.validate(cfg, model.config, where="kv_cache_config.json")
     if cfg is None or cfg.get("method", "full") == "full":
@@ -99,6 +104,23 @@ def generate_with_cache(model, *args, kv_cache=None, **kwargs):
 
     kwargs["cache"] = make_cache(model, cfg)
     return gen(model, *args, **kwargs)
+
+
+def _model_dir(model) -> str | None:
+    """Where a model loaded by plain transformers came from (a Hub id -> its local snapshot)."""
+    name = str(getattr(model, "name_or_path", "") or "")
+    if not name:
+        return None
+    if Path(name).is_dir():
+        return name
+    try:
+        from huggingface_hub import hf_hub_download
+
+        from finetune.export.kv_config import FILE
+
+        return str(Path(hf_hub_download(name, FILE)).parent)
+    except Exception:  # noqa: BLE001  (no such repo / offline / no file: no config)
+        return None
 
 
 def load_model(path, kv_cache=None, dtype=None, device=None):

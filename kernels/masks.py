@@ -82,7 +82,7 @@ def ratio_fraction(ratio: float) -> tuple[int, int]:
 
 def num_shifted_heads(spec: dict, num_heads: int) -> int:
     """Heads whose groups are offset by S: the last round(H * shift_fraction) heads."""
-    return int(round(num_heads * float(spec["shift_fraction"])))
+    return round(num_heads * float(spec["shift_fraction"]))
 
 
 def head_step(spec: dict, num_heads: int) -> int:

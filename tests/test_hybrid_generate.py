@@ -21,7 +21,12 @@ def tiny(layouts, dtype=torch.float64, seed=0, heads=4, kv_heads=2, vocab=97):
         num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=False,
     )  # fmt: skip
     m = LlamaForCausalLM(cfg).to(dtype).eval()
-    m.config.longtune_attention = {"version": 1, "backend": "auto", "cross_document": False, "layers": layouts}
+    m.config.longtune_attention = {
+        "version": 1,
+        "backend": "auto",
+        "cross_document": False,
+        "layers": layouts,
+    }
     m.config._attn_implementation = REF
     return m
 
@@ -111,12 +116,16 @@ def test_ring_buffer_matches_brute_force():
             k = torch.randn(2, 2, q, 3)
             pos = torch.arange(n, n + q).expand(2, q)
             before = layer.ordered()[0] if layer.is_initialized else k[..., :0, :]
-            ret, _, rpos = layer.update(k, k.clone(), pos)
+            ret, _, _ = layer.update(k, k.clone(), pos)
             assert torch.equal(ret, torch.cat([before, k], dim=-2))
             allk.append(k)
             n += q
             every = torch.cat(allk, dim=-2)
-            keep = list(range(min(s, n))) + list(range(max(min(s, n), n - w), n)) if n > s + w else list(range(n))
+            keep = (
+                list(range(min(s, n))) + list(range(max(min(s, n), n - w), n))
+                if n > s + w
+                else list(range(n))
+            )
             ok, _, op = layer.ordered()
             assert torch.equal(ok, every[..., keep, :])
             assert op[0].tolist() == keep
@@ -144,7 +153,9 @@ def test_hybrid_with_kernels_longtune_function():
     layout_mod = pytest.importorskip("kernels.layout")
     layouts = [SW, FULL, SW]
     m = tiny(layouts)
-    layout_mod.install_layout(m.config, {"version": 1, "backend": "auto", "cross_document": False, "layers": layouts})
+    layout_mod.install_layout(
+        m.config, {"version": 1, "backend": "auto", "cross_document": False, "layers": layouts}
+    )
     assert m.config._attn_implementation == "longtune"
     ids = torch.randint(0, 97, (2, 40))
     full = greedy(m, ids, DynamicCache(), 16)
@@ -152,3 +163,48 @@ def test_hybrid_with_kernels_longtune_function():
     assert isinstance(cache, HybridCache)
     assert torch.equal(full, greedy(m, ids, cache, 16))
     assert registry is not None
+
+
+def test_hybrid_left_padding_with_kernels():
+    """Left-padded batch, prompt longer than the window: pads are marked -1, a padded row's
+    sinks are its first real tokens, and the block-sparse layer keeps the union of the rows'
+    needs, so the compact cache stays exact."""
+    layout_mod = pytest.importorskip("kernels.layout")
+    layouts = [
+        {"pattern": "sink_window", "window": 8, "num_sink_tokens": 2},
+        FULL,
+        {"pattern": "block_sparse", "block_size": 4, "local_blocks": 2, "stride": 4, "head_step": 0},
+    ]
+    m = tiny(layouts)
+    layout_mod.install_layout(
+        m.config, {"version": 1, "backend": "auto", "cross_document": False, "layers": layouts}
+    )
+    ids = torch.randint(1, 97, (2, 30))
+    mask = torch.ones_like(ids)
+    ids[1, :7], mask[1, :7] = 0, 0
+    kw = {
+        "attention_mask": mask,
+        "max_new_tokens": 12,
+        "min_new_tokens": 12,
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
+    with torch.no_grad():
+        want = m.generate(ids, cache=DynamicCache(), **kw)
+        got = m.generate(ids, cache=HybridCache(m.config), **kw)
+        alone = m.generate(ids[1:, 7:], cache=HybridCache(m.config), **{**kw, "attention_mask": mask[1:, 7:]})
+    assert torch.equal(want, got)
+    assert torch.equal(got[1, 30:], alone[0, 23:])
+
+
+def test_hybrid_beam_search_and_num_return_sequences():
+    """reorder_cache (beams) and batch_repeat_interleave (expansion) keep the cache exact."""
+    m = tiny([SW, FULL, SW])
+    ids = torch.randint(0, 97, (2, 30))
+    kw = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "min_new_tokens": 8, "pad_token_id": 0}
+    with torch.no_grad():
+        for extra in ({"num_beams": 3, "do_sample": False}, {"num_return_sequences": 2, "do_sample": True}):
+            torch.manual_seed(1)
+            want = m.generate(ids, cache=DynamicCache(), **kw, **extra)
+            torch.manual_seed(1)
+            assert torch.equal(m.generate(ids, cache=HybridCache(m.config), **kw, **extra), want)

@@ -11,7 +11,6 @@ See docs/kv_caches.md.
 from __future__ import annotations
 
 import difflib
-from typing import Any
 
 from pydantic import ValidationError
 from transformers import DynamicCache
@@ -26,17 +25,18 @@ from .sink_window import SinkWindowCache, SinkWindowLayer
 
 __all__ = [
     "KV_CONFIG_VERSION",
-    "make_cache",
-    "validate_kv_config",
-    "cache_nbytes",
-    "PositionedCache",
+    "BlockSparseLayer",
     "FullLayer",
-    "SinkWindowCache",
-    "SinkWindowLayer",
     "H2OCache",
     "H2OLayer",
     "HybridCache",
-    "BlockSparseLayer",
+    "KVConfigError",
+    "PositionedCache",
+    "SinkWindowCache",
+    "SinkWindowLayer",
+    "cache_nbytes",
+    "make_cache",
+    "validate_kv_config",
 ]
 
 KV_CONFIG_VERSION = 1
@@ -68,7 +68,9 @@ def validate_kv_config(kv: dict | None, model_config=None) -> dict:
     derived = {k: kv.pop(k) for k in DERIVED_KEYS if k in kv}
     version = kv.pop("version", KV_CONFIG_VERSION)
     if version != KV_CONFIG_VERSION:
-        raise KVConfigError(f"kv_cache.version: unsupported version {version!r} (this longtune reads {KV_CONFIG_VERSION})")
+        raise KVConfigError(
+            f"kv_cache.version: unsupported version {version!r} (this longtune reads {KV_CONFIG_VERSION})"
+        )
     try:
         section = KVCacheSection.model_validate(kv)
     except ValidationError as e:
@@ -114,9 +116,14 @@ def validate_kv_config(kv: dict | None, model_config=None) -> dict:
                 "kv_cache.layers: 'sparse' selects the LongGen sparse layers, but this model has no hybrid layout"
             )
         if m == "h2o":
-            heads, kv_heads = _get(model_config, "num_attention_heads"), _get(model_config, "num_key_value_heads")
+            heads, kv_heads = (
+                _get(model_config, "num_attention_heads"),
+                _get(model_config, "num_key_value_heads"),
+            )
             if kv_heads and heads % kv_heads:
-                raise KVConfigError(f"kv_cache.method: h2o needs heads ({heads}) divisible by KV heads ({kv_heads})")
+                raise KVConfigError(
+                    f"kv_cache.method: h2o needs heads ({heads}) divisible by KV heads ({kv_heads})"
+                )
     return {"version": KV_CONFIG_VERSION, **out, **derived}
 
 
@@ -125,7 +132,9 @@ def chosen_layers(kv: dict, model_config) -> list[int]:
     if kv["layers"] == "all":
         return list(range(n))
     if kv["layers"] == "sparse":
-        return [i for i, e in enumerate(layout_of(model_config)["layers"]) if e.get("pattern") in SPARSE_PATTERNS]
+        return [
+            i for i, e in enumerate(layout_of(model_config)["layers"]) if e.get("pattern") in SPARSE_PATTERNS
+        ]
     return sorted(set(kv["layers"]))
 
 
@@ -160,12 +169,15 @@ def make_cache(model, kv_config: dict | KVCacheSection | None = None) -> Cache:
     """The cache named by a KV-cache config, for `model.generate(past_key_values=cache)`.
 
     method full -> transformers DynamicCache; sink -> SinkWindowCache; h2o -> H2OCache;
-    hybrid -> HybridCache (needs the model's LongGen layout). For sink/h2o/hybrid the model is
-    switched to the "longtune" attention function if it is not using it yet."""
+    hybrid -> HybridCache (needs the model's LongGen layout). For sink/h2o/hybrid, and for any
+    model with a hybrid layout, the model is switched to the "longtune" attention function if
+    it is not using it yet."""
     config = model.config
     kv = validate_kv_config(kv_config, config)
     m = kv["method"]
     if m == "full":
+        if is_hybrid_layout(layout_of(config)):  # the sparse layers are the architecture
+            _ensure_longtune_attention(model, need_layout=True)
         return DynamicCache(config=config)
     _ensure_longtune_attention(model, need_layout=(m == "hybrid"))
     if m == "hybrid":

@@ -141,6 +141,11 @@ class PositionedCache(Cache):
             else:
                 kwargs.pop(HEAD_POSITIONS_KEY, None)
                 kwargs[POSITIONS_KEY] = pos
+                if keys.shape[-2] == key_states.shape[-2] and _is_arange(pos):
+                    # first prefill, nothing held, no padding: the keys are the queries at
+                    # 0..q-1, exactly what the attention function assumes without positions;
+                    # leaving them out lets it take its self-attention fast path
+                    del kwargs[POSITIONS_KEY]
             if getattr(layer, "observes_attention", False):
                 kwargs[OBSERVER_KEY] = self
             else:
@@ -156,11 +161,23 @@ class PositionedCache(Cache):
         return [layer.kept() for layer in self.layers]
 
 
+def _is_arange(pos: torch.Tensor) -> bool:
+    return bool((pos == torch.arange(pos.shape[-1], device=pos.device)).all())
+
+
 def new_positions(key_states: torch.Tensor, kwargs: dict | None, seen: int) -> torch.Tensor:
     """Absolute positions (batch, q) of the new keys: the model's position_ids when it passes
     them (Llama does, through kwargs), else seen .. seen + q - 1."""
     b, q = key_states.shape[0], key_states.shape[-2]
     pos = kwargs.get("position_ids") if kwargs else None
     if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == q:
-        return pos.to(device=key_states.device, dtype=torch.long).expand(b, q)
+        pos = pos.to(device=key_states.device, dtype=torch.long).expand(b, q)
+        if q > 1 and seen == 0:
+            # left padding: generate gives pads position 0 (cumsum(mask) - 1, pads filled with 0),
+            # so a 0 followed by another 0 is a pad; -1 marks it as an empty slot (never attended)
+            pad = torch.zeros_like(pos, dtype=torch.bool)
+            pad[:, :-1] = (pos[:, :-1] == 0) & (pos[:, 1:] == 0)
+            if bool(pad.any()):
+                pos = pos.masked_fill(pad, -1)
+        return pos
     return torch.arange(seen, seen + q, device=key_states.device).unsqueeze(0).expand(b, q)

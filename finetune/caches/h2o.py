@@ -17,7 +17,8 @@ the layer adds them to the scores and evicts down to its budget. Score of key j:
 GQA: per-query-head scores are reduced over each KV group (`gqa_reduction`: mean or sum).
 Budgets in tokens (`heavy`, `recent`) or ratios of the prompt length (`heavy_ratio`,
 `recent_ratio`, resolved at the first update of each layer: int(ratio * prompt_length)).
-Ties go to the older token (stable sort).
+Ties go to the older token (stable sort). Left padding (position -1) is evicted first and a
+padded row's sinks are its first real tokens (positions 0..num_sink_tokens-1).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class H2OLayer(CompactLayer):
         self.scores: torch.Tensor | None = None  # (b, hkv, n) float32, summed probabilities
         self.pending = 0  # queries of the last update not yet observed
         self._acc: torch.Tensor | None = None  # this step's observed scores
+        self._q_real: torch.Tensor | None = None  # (b, q) this step's queries that are not padding
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
@@ -98,6 +100,7 @@ class H2OLayer(CompactLayer):
         self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, q)], dim=-1)
         self.seen += q
         self.pending, self._acc = q, torch.zeros_like(self.scores)
+        self._q_real = positions >= 0  # left-padding queries add no score
         return self.keys, self.values, self.positions
 
     def observe(self, probs: torch.Tensor) -> None:
@@ -109,7 +112,9 @@ class H2OLayer(CompactLayer):
                 f"observe_attention: probs {tuple(probs.shape)} do not match the layer (batch {b}, "
                 f"{hkv * self.groups} heads, <= {self.pending} pending queries, {self.keys.shape[-2]} keys)"
             )
-        per_head = probs.float().sum(dim=2).view(b, hkv, self.groups, k)
+        done = self._acc_rows()
+        pad_rows = ~self._q_real[:, done : done + qc].view(b, 1, qc, 1)
+        per_head = probs.float().masked_fill(pad_rows, 0.0).sum(dim=2).view(b, hkv, self.groups, k)
         per_kv = per_head.mean(dim=2) if self.gqa_reduction == "mean" else per_head.sum(dim=2)
         self._acc += per_kv
         self.pending -= qc
@@ -117,6 +122,10 @@ class H2OLayer(CompactLayer):
             self.scores += self._acc
             self._acc = None
             self.evict()
+
+    def _acc_rows(self) -> int:
+        """Queries of the current step already observed."""
+        return self._q_real.shape[1] - self.pending
 
     def ranking_scores(self) -> torch.Tensor:
         if self.score_normalization == "none":
@@ -126,22 +135,18 @@ class H2OLayer(CompactLayer):
         return self.scores / (last - self.positions + 1).clamp_min(1).float()
 
     def evict(self) -> None:
-        n, s, r, hv = self.keys.shape[-2], self.num_sink_tokens, self.recent, self.heavy
-        if n <= s + r + hv:
+        n, s, r = self.keys.shape[-2], self.num_sink_tokens, self.recent
+        budget = s + self.heavy + r
+        if n <= budget:
             return
-        dev = self.device
-        middle = self.ranking_scores()[..., s : n - r]  # candidates for heavy hitters
-        order = torch.sort(middle, dim=-1, descending=True, stable=True).indices[..., :hv]
-        heavy_idx = order.sort(dim=-1).values + s  # position order
-        b, h = heavy_idx.shape[:2]
-        idx = torch.cat(
-            [
-                torch.arange(s, device=dev).expand(b, h, s),
-                heavy_idx,
-                torch.arange(n - r, n, device=dev).expand(b, h, r),
-            ],
-            dim=-1,
-        )
+        # keep priority: sinks (positions 0..s-1: a padded row's first real tokens) and the
+        # `recent` last slots first, then the heavy hitters, left padding (position -1) last
+        pos = self.positions
+        rank = self.ranking_scores().masked_fill(pos < 0, float("-inf"))
+        must = ((pos >= 0) & (pos < s)) | (torch.arange(n, device=self.device) >= n - r)
+        rank = rank.masked_fill(must, float("inf"))
+        order = torch.sort(rank, dim=-1, descending=True, stable=True).indices[..., :budget]
+        idx = order.sort(dim=-1).values  # position order
         d = self.keys.shape[-1]
         self.keys = self.keys.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
         self.values = self.values.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]))
@@ -158,7 +163,9 @@ class H2OCache(PositionedCache):
 
     def __init__(self, num_layers: int, num_kv_groups: int, layers=None, prefill_chunk: int = 512, **h2o):
         chosen = set(range(num_layers)) if layers is None else set(layers)
-        super().__init__([H2OLayer(num_kv_groups, **h2o) if i in chosen else FullLayer() for i in range(num_layers)])
+        super().__init__(
+            [H2OLayer(num_kv_groups, **h2o) if i in chosen else FullLayer() for i in range(num_layers)]
+        )
         #: query rows per chunk the attention function should use when it computes the
         #: probabilities of a long step (prefill) for `observe_attention`
         self.prefill_chunk = int(prefill_chunk)

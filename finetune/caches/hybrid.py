@@ -38,6 +38,7 @@ def strided_residues(stride: int, num_heads: int, head_step: int | None) -> set[
 class BlockSparseLayer(CompactLayer):
     """Keeps key j (block kb = j // block_size) while some future query can see it:
     kb > qb_next - local_blocks (local), or kb is a strided column of *some* query head.
+    Rows of a batch keep the union of their needs (they differ only under left padding).
 
     The strided columns differ per head; the cache keeps their union over heads (one set of
     positions for every KV head), so when the heads' columns cover every residue mod stride
@@ -57,10 +58,13 @@ class BlockSparseLayer(CompactLayer):
         keys, values, pos = super().update(key_states, value_states, positions)
         if self.keeps_all:
             return keys, values, pos
-        # cache index of every held slot = row 0's positions (no padding: index == position)
-        kb = self.positions[0] // self.block_size
-        next_qb = self.seen // self.block_size
-        keep = (kb > next_qb - self.local_blocks) | self._residue_mask.to(kb.device)[kb % self.stride]
+        # per row (positions differ under left padding): is the key reachable by a future query?
+        # The kept slots are the union over rows, so storage stays rectangular.
+        pos = self.positions
+        kb = pos.clamp_min(0) // self.block_size
+        next_qb = (pos.amax(dim=-1, keepdim=True) + 1) // self.block_size
+        needed = (kb > next_qb - self.local_blocks) | self._residue_mask.to(kb.device)[kb % self.stride]
+        keep = (needed & (pos >= 0)).any(dim=0)
         if not bool(keep.all()):
             idx = keep.nonzero().squeeze(-1)
             self.keys = self.keys.index_select(-2, idx)
@@ -80,7 +84,9 @@ def layer_for(entry: dict, num_heads: int):
         return BlockSparseLayer(
             entry["block_size"], entry["local_blocks"], entry["stride"], num_heads, entry.get("head_step")
         )
-    raise ValueError(f"longtune_attention: unknown pattern '{pattern}' (valid: {FULL_PATTERNS + SPARSE_PATTERNS})")
+    raise ValueError(
+        f"longtune_attention: unknown pattern '{pattern}' (valid: {FULL_PATTERNS + SPARSE_PATTERNS})"
+    )
 
 
 def layout_of(config) -> dict | None:

@@ -54,7 +54,7 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
         kpos = kwargs[POSITIONS_KEY].expand(b, k).view(b, 1, 1, k)
     else:
         kpos = torch.arange(k, device=query.device).view(1, 1, 1, k).expand(b, 1, 1, k)
-    allow = pattern_mask(entry, qpos, kpos, H)
+    allow = pattern_mask(entry, qpos, kpos, H) & (kpos >= 0)  # -1: empty slot / left padding
 
     kf = key.repeat_interleave(groups, dim=1)
     vf = value.repeat_interleave(groups, dim=1)

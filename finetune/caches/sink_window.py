@@ -82,19 +82,38 @@ class SinkWindowLayer(CompactLayer):
             self.values.index_copy_(-2, slots, value_states)
             self.positions.index_copy_(-1, slots, positions.contiguous())
         else:  # (re)build the ring from the sinks and the last `window` tokens
+            n = keys.shape[-2]
             idx = torch.arange(self.seen - w, self.seen, device=self.device)
             slots = s + (idx - s) % w
-            tail = torch.arange(keys.shape[-2] - w, keys.shape[-2], device=self.device)
-            self.keys = self._build(keys, tail, slots)
-            self.values = self._build(values, tail, slots)
-            self.positions = self._build(pos.unsqueeze(-1), tail, slots).squeeze(-1)
+            tail = torch.arange(n - w, n, device=self.device)
+            if self.ring:  # the sink slots were chosen already
+                sink_idx = torch.arange(s, device=self.device).expand(keys.shape[0], s)
+                sink_pos = pos[:, :s]
+            else:
+                sink_idx, sink_pos = self._first_real_tokens(pos, n - w)
+            self.keys = self._build(keys, sink_idx, tail, slots)
+            self.values = self._build(values, sink_idx, tail, slots)
+            self.positions = torch.cat([sink_pos, pos.new_empty(pos.shape[0], w)], dim=-1)
+            self.positions.index_copy_(-1, slots, pos.index_select(-1, tail))
             self.ring = True
         return keys, values, pos
 
-    def _build(self, full: torch.Tensor, tail: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _first_real_tokens(self, pos: torch.Tensor, tail_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, the slots of the first `num_sink_tokens` real tokens (left padding has
+        position -1) and their positions; -1 where a row has fewer, or where the token is in
+        the window anyway (it must not be attended twice)."""
+        s, n = self.num_sink_tokens, pos.shape[-1]
+        ar = torch.arange(n, device=pos.device)
+        real = pos >= 0
+        order = torch.argsort(torch.where(real, ar, ar + n), dim=-1, stable=True)[:, :s]
+        ok = real.gather(1, order) & (order < tail_start)
+        return order, torch.where(ok, pos.gather(1, order), torch.full_like(order, -1))
+
+    def _build(self, full, sink_idx, tail, slots) -> torch.Tensor:
+        b, h, _, d = full.shape
         s = self.num_sink_tokens
-        out = full.new_empty(*full.shape[:-2], self.capacity, full.shape[-1])
-        out[..., :s, :] = full[..., :s, :]
+        out = full.new_empty(b, h, self.capacity, d)
+        out[..., :s, :] = full.gather(-2, sink_idx.view(b, 1, s, 1).expand(b, h, s, d))
         out.index_copy_(-2, slots, full.index_select(-2, tail))
         return out
 

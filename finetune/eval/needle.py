@@ -34,13 +34,16 @@ def split_sentences(text: str) -> list[str]:
     return [p.strip() for p in parts if p and p.strip() and not re.search(r"\d{4,}", p)]
 
 
-def build_prompt(tokenizer, sentences: list[str], length: int, depth: float, value: str,
-                 rng: random.Random) -> tuple[list[int], float]:
+def build_prompt(
+    tokenizer, sentences: list[str], length: int, depth: float, value: str, rng: random.Random
+) -> tuple[list[int], float]:
     """Prompt ids (at most ``length`` tokens) and the achieved depth (token fraction)."""
     head = bos(tokenizer)
     needle = encode(tokenizer, " " + NEEDLE.format(value=value))
     question = encode(tokenizer, "\n" + QUESTION)
     budget = length - len(head) - len(needle) - len(question)
+    if budget < 1:
+        raise ValueError(f"length {length} is too short for the needle prompt")
     start = rng.randrange(len(sentences))
     hay: list[list[int]] = []
     used = 0
@@ -64,9 +67,18 @@ def build_prompt(tokenizer, sentences: list[str], length: int, depth: float, val
     return ids, (cum[k] / used if used else 0.0)
 
 
-def needle_grid(model, tokenizer, sentences: list[str], lengths: list[int], depths: list[float],
-                trials: int = 1, seed: int = 0, progress: bool = True) -> dict:
-    """``{"accuracy": [[acc per depth] per length], "lengths", "depths", "trials": [...]}``."""
+def needle_grid(
+    model,
+    tokenizer,
+    sentences: list[str],
+    lengths: list[int],
+    depths: list[float],
+    trials: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """``{"accuracy": [[acc per depth] per length], "lengths", "depths", "trials": [...]}``
+    (accuracy None where the length cannot hold the prompt)."""
     acc, rows = [], []
     cells = [(L, d) for L in lengths for d in depths]
     bar = tqdm(total=len(cells) * trials, desc="needle", leave=False, disable=not progress)
@@ -77,14 +89,29 @@ def needle_grid(model, tokenizer, sentences: list[str], lengths: list[int], dept
             ok = 0
             for _ in range(trials):
                 value = str(rng.randint(1_000_000, 9_999_999))
-                ids, got_depth = build_prompt(tokenizer, sentences, L, d, value, rng)
+                try:
+                    ids, got_depth = build_prompt(tokenizer, sentences, L, d, value, rng)
+                except ValueError as e:  # this length cannot hold the prompt: no number for the cell
+                    rows.append({"length": L, "depth": d, "error": str(e)})
+                    ok = None
+                    bar.update(trials)
+                    break
                 text = greedy_answer(model, tokenizer, ids, answer_budget(tokenizer, value))
                 correct = first_number(text) == value
                 ok += correct
-                rows.append({"length": L, "depth": d, "actual_depth": round(got_depth, 4), "value": value,
-                             "answer": text, "correct": correct, "prompt_tokens": len(ids)})
+                rows.append(
+                    {
+                        "length": L,
+                        "depth": d,
+                        "actual_depth": round(got_depth, 4),
+                        "value": value,
+                        "answer": text,
+                        "correct": correct,
+                        "prompt_tokens": len(ids),
+                    }
+                )
                 bar.update(1)
-            line.append(ok / trials)
+            line.append(None if ok is None else ok / trials)
         acc.append(line)
     bar.close()
     return {"lengths": list(lengths), "depths": list(depths), "accuracy": acc, "trials": rows}
@@ -92,6 +119,8 @@ def needle_grid(model, tokenizer, sentences: list[str], lengths: list[int], dept
 
 def run(models: dict, sentences: list[str], cfg, progress: bool = True) -> dict:
     return {
-        name: needle_grid(model, tok, sentences, cfg.lengths, cfg.needle_depths, cfg.needle_trials, cfg.seed, progress)
+        name: needle_grid(
+            model, tok, sentences, cfg.lengths, cfg.needle_depths, cfg.needle_trials, cfg.seed, progress
+        )
         for name, (model, tok) in models.items()
     }

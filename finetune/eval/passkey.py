@@ -29,13 +29,19 @@ def build_prompt(tokenizer, length: int, key: str, rng: random.Random) -> tuple[
     info = encode(tokenizer, "\n" + INFO.format(key=key) + "\n")
     question = encode(tokenizer, "\n" + QUESTION)
     fixed = len(head) + len(info) + len(question)
-    n = max(0, (length - fixed) // len(filler))
+    if fixed + len(filler) > length:
+        raise ValueError(
+            f"length {length} is too short for the passkey prompt ({fixed + len(filler)} tokens at least)"
+        )
+    n = (length - fixed) // len(filler)
     k = rng.randint(0, n)
     ids = head + filler * k + info + filler * (n - k) + question
     return ids, (k / n if n else 0.0)
 
 
-def passkey_accuracy(model, tokenizer, length: int, trials: int, seed: int = 0, progress: bool = True) -> dict:
+def passkey_accuracy(
+    model, tokenizer, length: int, trials: int, seed: int = 0, progress: bool = True
+) -> dict:
     """``{"accuracy", "trials": [{"key", "depth", "answer", "correct", "prompt_tokens"}]}``."""
     rng = random.Random(f"passkey-{seed}-{length}")
     rows = []
@@ -44,17 +50,26 @@ def passkey_accuracy(model, tokenizer, length: int, trials: int, seed: int = 0, 
         ids, depth = build_prompt(tokenizer, length, key, rng)
         text = greedy_answer(model, tokenizer, ids, answer_budget(tokenizer, key))
         got = first_number(text)
-        rows.append({"key": key, "depth": round(depth, 4), "answer": text, "correct": got == key,
-                     "prompt_tokens": len(ids)})
+        rows.append(
+            {
+                "key": key,
+                "depth": round(depth, 4),
+                "answer": text,
+                "correct": got == key,
+                "prompt_tokens": len(ids),
+            }
+        )
     return {"accuracy": sum(r["correct"] for r in rows) / len(rows), "trials": rows}
 
 
 def run(models: dict, cfg, progress: bool = True) -> dict:
-    """``{model: {length: result}}``."""
+    """``{model: {length: result}}`` (``{"accuracy": None, "error"}`` where the prompt cannot fit)."""
     out: dict = {}
     for name, (model, tok) in models.items():
         for length in tqdm(cfg.lengths, desc=f"passkey {name}", disable=not progress):
-            out.setdefault(name, {})[str(length)] = passkey_accuracy(
-                model, tok, length, cfg.passkey_trials, cfg.seed, progress
-            )
+            try:
+                r = passkey_accuracy(model, tok, length, cfg.passkey_trials, cfg.seed, progress)
+            except ValueError as e:  # prompt does not fit: this length only
+                r = {"accuracy": None, "error": str(e)}
+            out.setdefault(name, {})[str(length)] = r
     return out

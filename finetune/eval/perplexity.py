@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 LOGITS_CHUNK = 1024
 
 
-def longlora_window_starts(n_tokens: int, length: int, stride: int, max_windows: int | None = None) -> list[int]:
+def longlora_window_starts(
+    n_tokens: int, length: int, stride: int, max_windows: int | None = None
+) -> list[int]:
     """Start offsets of the LongLoRA windows (see module docstring)."""
     if length < 2 or n_tokens < length:
         return []
@@ -72,7 +74,7 @@ def _forward_kwargs(model) -> dict:
 def _is_hf(model) -> bool:
     try:
         from transformers import PreTrainedModel
-    except Exception:  # pragma: no cover
+    except ImportError:  # pragma: no cover
         return False
     return isinstance(model, PreTrainedModel)
 
@@ -81,14 +83,20 @@ def _is_hf(model) -> bool:
 def token_nll(model, ids: torch.Tensor, n_scored: int) -> torch.Tensor:
     """NLL (float32, nats) of the last ``n_scored`` tokens of ``ids`` (1-D) given their prefix."""
     ids = ids.reshape(1, -1)
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        ids = ids.to(device)
     n = ids.shape[1]
     if not 0 < n_scored < n:
         raise ValueError(f"n_scored={n_scored} must be in [1, {n - 1}]")
     targets = ids[0, n - n_scored :]
     body = getattr(model, "model", None)
     head = getattr(model, "lm_head", None)
-    if _is_hf(model) and body is not None and head is not None and not getattr(
-        model.config, "final_logit_softcapping", None
+    if (
+        _is_hf(model)
+        and body is not None
+        and head is not None
+        and not getattr(model.config, "final_logit_softcapping", None)
     ):
         # Hidden states once, lm_head in chunks: the full (length x vocab) logits never exist.
         hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0, n - n_scored - 1 : n - 1]
@@ -103,12 +111,22 @@ def token_nll(model, ids: torch.Tensor, n_scored: int) -> torch.Tensor:
 
 
 def _result(loss: float, windows: int, tokens: int) -> dict:
-    return {"ppl": math.exp(loss) if loss < 700 else float("inf"), "loss": loss, "windows": windows, "tokens": tokens}
+    return {
+        "ppl": math.exp(loss) if loss < 700 else float("inf"),
+        "loss": loss,
+        "windows": windows,
+        "tokens": tokens,
+    }
 
 
 @torch.no_grad()
 def perplexity_longlora(
-    model, ids: torch.Tensor, length: int, stride: int = 256, max_windows: int | None = None, progress: bool = True
+    model,
+    ids: torch.Tensor,
+    length: int,
+    stride: int = 256,
+    max_windows: int | None = None,
+    progress: bool = True,
 ) -> dict | None:
     """LongLoRA protocol; None when the text is shorter than ``length``."""
     ids = ids.reshape(-1)
@@ -123,7 +141,11 @@ def perplexity_longlora(
 
 @torch.no_grad()
 def perplexity_sliding(
-    model, ids: torch.Tensor, length: int, stride: int | None = None, max_windows: int | None = None,
+    model,
+    ids: torch.Tensor,
+    length: int,
+    stride: int | None = None,
+    max_windows: int | None = None,
     progress: bool = True,
 ) -> dict | None:
     """Sliding-window protocol (stride defaults to ``length // 2``); None when the text is
@@ -134,7 +156,9 @@ def perplexity_sliding(
     stride = stride or max(1, length // 2)
     windows = sliding_windows(ids.numel(), length, stride, max_windows)
     total, count = 0.0, 0
-    for begin, end, n_scored in tqdm(windows, desc=f"ppl sliding L={length}", leave=False, disable=not progress):
+    for begin, end, n_scored in tqdm(
+        windows, desc=f"ppl sliding L={length}", leave=False, disable=not progress
+    ):
         nll = token_nll(model, ids[begin:end], n_scored)
         total += nll.double().sum().item()
         count += n_scored
@@ -150,7 +174,9 @@ def run(models: dict, ids: torch.Tensor, cfg, progress: bool = True) -> dict:
             rows = per.setdefault(proto, {})
             for length in tqdm(cfg.lengths, desc=f"perplexity {name} {proto}", disable=not progress):
                 if proto == "longlora":
-                    r = perplexity_longlora(model, ids, length, cfg.perplexity_stride, cfg.perplexity_max_windows, progress)
+                    r = perplexity_longlora(
+                        model, ids, length, cfg.perplexity_stride, cfg.perplexity_max_windows, progress
+                    )
                 else:
                     stride = getattr(cfg, "perplexity_sliding_stride", None)
                     r = perplexity_sliding(model, ids, length, stride, cfg.perplexity_max_windows, progress)

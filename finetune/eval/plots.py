@@ -6,12 +6,22 @@ path, or None when there is nothing to draw.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+import matplotlib.ticker
+
+
+def _length_axis(ax, lengths) -> None:
+    """log2 x axis labelled with the lengths themselves."""
+    lengths = sorted(set(lengths))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(L) for L in lengths])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
 def _save(fig, path: Path) -> Path:
@@ -30,13 +40,18 @@ def perplexity(results: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(protocols), figsize=(5.5 * len(protocols), 4), squeeze=False)
     drawn = False
     for ax, proto in zip(axes[0], protocols):
+        xs, ys = [], []
         for model, per in results.items():
             pts = sorted((int(L), r["ppl"]) for L, r in per.get(proto, {}).items() if r)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
+                xs += [p[0] for p in pts]
+                ys += [p[1] for p in pts]
                 drawn = True
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if xs:
+            _length_axis(ax, xs)
+            if min(ys) > 0 and max(ys) / min(ys) > 10:  # a collapsing model: log scale keeps both visible
+                ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("perplexity")
         ax.set_title(f"perplexity ({proto})")
@@ -54,15 +69,23 @@ def passkey(results: dict, path: Path) -> Path | None:
     if not results:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    xs = []
     for model, per in results.items():
-        pts = sorted((int(L), r["accuracy"]) for L, r in per.items())
+        pts = sorted((int(L), r["accuracy"]) for L, r in per.items() if r.get("accuracy") is not None)
+        if not pts:
+            continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
-    ax.set_xscale("log", base=2)
+        xs += [p[0] for p in pts]
+    if xs:
+        _length_axis(ax, xs)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("passkey accuracy")
     ax.set_title("passkey retrieval")
     ax.grid(True, alpha=0.3)
+    if not ax.get_legend_handles_labels()[0]:
+        plt.close(fig)
+        return None
     ax.legend()
     return _save(fig, path)
 
@@ -71,10 +94,13 @@ def needle(results: dict, path: Path) -> Path | None:
     """``{model: {"lengths", "depths", "accuracy"}}`` -> one depth x length heatmap per model."""
     if not results:
         return None
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(results), figsize=(4.5 * len(results) + 1, 3.8), squeeze=False, layout="constrained"
+    )
     im = None
     for ax, (model, grid) in zip(axes[0], results.items()):
-        acc = [list(col) for col in zip(*grid["accuracy"])]  # rows: depth, cols: length
+        nan = float("nan")
+        acc = [[nan if v is None else v for v in col] for col in zip(*grid["accuracy"])]  # rows: depth
         im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
         ax.set_xticks(range(len(grid["lengths"])), [str(L) for L in grid["lengths"]])
         ax.set_yticks(range(len(grid["depths"])), [f"{d:.0%}" for d in grid["depths"]])
@@ -83,8 +109,8 @@ def needle(results: dict, path: Path) -> Path | None:
         ax.set_title(f"needle: {model}")
         for i, row in enumerate(acc):
             for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+                ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="accuracy")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
@@ -94,14 +120,19 @@ def sinks(results: dict, path: Path) -> Path | None:
     """``{model: sink_stats}`` -> layer x head heatmap of first-token attention per model."""
     if not results:
         return None
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(results), figsize=(4.5 * len(results) + 1, 4), squeeze=False, layout="constrained"
+    )
     im = None
     for ax, (model, st) in zip(axes[0], results.items()):
         im = ax.imshow(st["per_head"], vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        n_layers, n_heads = len(st["per_head"]), len(st["per_head"][0])
+        ax.set_yticks(range(0, n_layers, max(1, n_layers // 16)))
+        ax.set_xticks(range(0, n_heads, max(1, n_heads // 16)))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         ax.set_title(f"{model}: {st['share_above']:.0%} heads > {st['threshold']}")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean attention on first token")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="mean attention on first token")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
@@ -114,6 +145,8 @@ def kv_cache(results: dict, path: Path) -> Path | None:
     if not rows:
         return None
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax in (a1, a2):
+        _length_axis(ax, [L for _, L, _ in rows])
     for m in methods:
         pts = sorted((L, r) for mm, L, r in rows if mm == m)
         if not pts:
@@ -122,7 +155,6 @@ def kv_cache(results: dict, path: Path) -> Path | None:
         a1.plot(xs, [p[1]["nbytes"] / 2**20 for p in pts], marker="o", label=m)
         a2.plot(xs, [p[1]["decode_tokens_per_s"] or 0 for p in pts], marker="o", label=m)
     for ax, title, ylabel in ((a1, "KV cache held", "MiB"), (a2, "decode speed", "tokens/s")):
-        ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)

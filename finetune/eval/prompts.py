@@ -42,9 +42,7 @@ def greedy_answer(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
     if isinstance(device, torch.device):
         x = x.to(device)
     kw = _generate_kwargs(model)
-    out = model.generate(
-        input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, **kw
-    )
+    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, **kw)
     new = out[0, x.shape[1] :].tolist()
     return tokenizer.decode(new, skip_special_tokens=True)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 
 def _fmt(v, digits: int = 3) -> str:
     if v is None:
         return "—"
     if isinstance(v, float):
-        if v != v or v in (float("inf"), float("-inf")):
+        if not math.isfinite(v):
             return str(v)
         return f"{v:.{digits}g}" if abs(v) >= 1e4 else f"{v:.{digits}f}"
     return str(v)
@@ -26,7 +28,12 @@ def _lengths(per_model: dict) -> list[str]:
 def perplexity_md(res: dict) -> str:
     parts = []
     src = res.get("source", {})
-    parts.append(f"Text: {src.get('description', '?')} ({src.get('tokens', '?')} tokens).")
+    toks = src.get("tokens") or {}
+    toks = ", ".join(f"{m}: {n}" for m, n in toks.items()) if isinstance(toks, dict) else toks
+    parts.append(
+        f"Text: {src.get('description', '?')}; tokens per model's tokenizer (capped to what the "
+        f"windows can use): {toks or '?'}."
+    )
     if src.get("note"):
         parts.append(f"**Note:** {src['note']}")
     data = res["results"]
@@ -36,8 +43,8 @@ def perplexity_md(res: dict) -> str:
         rows = []
         for L in lengths:
             row = [L]
-            for m in per:
-                r = per[m].get(L)
+            for rows_m in per.values():
+                r = rows_m.get(L)
                 row.append(f"{r['ppl']:.3f} ({r['windows']}w)" if r else "— (text too short)")
             rows.append(row)
         desc = {
@@ -58,15 +65,30 @@ def passkey_md(res: dict) -> str:
         row = [L]
         for m in data:
             r = data[m].get(L)
-            row.append(f"{r['accuracy']:.2f} ({sum(t['correct'] for t in r['trials'])}/{len(r['trials'])})" if r else "—")
+            if not r:
+                row.append("—")
+            elif r.get("error"):
+                row.append("not run: " + r["error"])
+            else:
+                row.append(
+                    f"{r['accuracy']:.2f} ({sum(t['correct'] for t in r['trials'])}/{len(r['trials'])})"
+                )
         rows.append(row)
     return "Exact match of the 5-digit key, greedy decoding.\n\n" + table(["length"] + list(data), rows)
 
 
 def needle_md(res: dict) -> str:
-    parts = [f"Haystack: {res.get('haystack', '?')}. Accuracy per depth (rows) and length (columns)."]
+    parts = [
+        (
+            f"Haystack: {res.get('haystack', '?')}. Accuracy per depth (rows) and length (columns); "
+            "— = the length cannot hold the prompt."
+        )
+    ]
     for m, g in res["results"].items():
-        rows = [[f"{d:.0%}"] + [g["accuracy"][i][j] for i in range(len(g["lengths"]))] for j, d in enumerate(g["depths"])]
+        rows = [
+            [f"{d:.0%}"] + [g["accuracy"][i][j] for i in range(len(g["lengths"]))]
+            for j, d in enumerate(g["depths"])
+        ]
         parts.append(f"**{m}**\n\n" + table(["depth"] + [str(L) for L in g["lengths"]], rows))
     return "\n\n".join(parts)
 
@@ -88,20 +110,53 @@ def sinks_md(res: dict) -> str:
     )
 
 
+def _budget(kv: dict) -> str:
+    m = kv.get("method")
+    if m == "h2o":
+        heavy = kv.get("heavy") if kv.get("heavy") is not None else f"{kv.get('heavy_ratio')}×prompt"
+        recent = kv.get("recent") if kv.get("recent") is not None else f"{kv.get('recent_ratio')}×prompt"
+        return f"heavy {heavy}, recent {recent}"
+    if m == "sink":
+        return f"{kv.get('num_sink_tokens')} sinks + window {kv.get('window')}"
+    if m == "hybrid":
+        return "model layout"
+    return "all tokens" if m == "full" else "?"
+
+
 def kv_md(res: dict) -> str:
     rows = []
     for method, per in res["methods"].items():
         for L, r in sorted(per.items(), key=lambda kv: int(kv[0])):
             if "error" in r:
-                rows.append([method, L, "error: " + r["error"][:120], "", "", ""])
+                rows.append(
+                    [method, L, _budget(r.get("kv_config") or {}), "error: " + r["error"][:160], "", "", ""]
+                )
             else:
-                rows.append([
-                    method, L, f"{r['nbytes'] / 2**20:.3f}", r.get("fraction_of_full"),
-                    r["prefill_tokens_per_s"], r["decode_tokens_per_s"],
-                ])
+                rows.append(
+                    [
+                        method,
+                        L,
+                        _budget(r.get("kv_config") or {}),
+                        f"{r['nbytes'] / 2**20:.3f}",
+                        r.get("fraction_of_full"),
+                        r["prefill_tokens_per_s"],
+                        r["decode_tokens_per_s"],
+                    ]
+                )
     out = (
         f"Model: {res.get('model')}; {res['decode_tokens']} decode tokens after the prefill; CPU wall clock.\n\n"
-        + table(["method", "length", "KV held (MiB)", "fraction of full", "prefill tok/s", "decode tok/s"], rows)
+        + table(
+            [
+                "method",
+                "length",
+                "budget",
+                "KV held (MiB)",
+                "fraction of full",
+                "prefill tok/s",
+                "decode tok/s",
+            ],
+            rows,
+        )
     )
     if res.get("skipped"):
         out += "\n\n" + "\n".join(f"- `{m}` not measured: {why}" for m, why in res["skipped"].items())
@@ -119,13 +174,27 @@ SECTIONS = {
 
 def summary_md(results: dict) -> str:
     lines = [f"# Evaluation of `{results['run_dir']}`", ""]
-    lines.append(f"{results['created']} · {results['environment']['device']} · torch {results['environment']['torch']}"
-                 f" · transformers {results['environment']['transformers']}")
+    lines.append(
+        f"{results['created']} · {results['environment']['device']} · torch {results['environment']['torch']}"
+        f" · transformers {results['environment']['transformers']}"
+    )
     lines.append("")
     lines.append("## Models\n")
-    rows = [[n, i.get("source"), i.get("loader"), i.get("max_position_embeddings"), i.get("rope")]
-            for n, i in results["models"].items()]
-    lines.append(table(["name", "source", "loaded by", "max positions", "rope"], rows))
+    rows = [
+        [
+            n,
+            i.get("source"),
+            i.get("loader"),
+            i.get("max_position_embeddings"),
+            i.get("rope"),
+            i.get("attn_implementation"),
+            i.get("kv_cache"),
+        ]
+        for n, i in results["models"].items()
+    ]
+    lines.append(
+        table(["name", "source", "loaded by", "max positions", "rope", "attention", "KV cache"], rows)
+    )
     for reason in results.get("model_notes", []):
         lines.append(f"\n- {reason}")
     for suite, (title, fn) in SECTIONS.items():
@@ -150,7 +219,11 @@ def headline(results: dict) -> str:
         proto = suites["perplexity"]["protocols"][0]
         for L in _lengths({m: d.get(proto, {}) for m, d in suites["perplexity"]["results"].items()}):
             header.append(f"ppl {proto} {L}")
-            cols.append(lambda m, L=L, p=proto: (suites["perplexity"]["results"].get(m, {}).get(p, {}).get(L) or {}).get("ppl"))
+            cols.append(
+                lambda m, L=L, p=proto: (
+                    suites["perplexity"]["results"].get(m, {}).get(p, {}).get(L) or {}
+                ).get("ppl")
+            )
     if "passkey" in suites:
         for L in _lengths(suites["passkey"]["results"]):
             header.append(f"passkey {L}")
@@ -162,8 +235,8 @@ def headline(results: dict) -> str:
             g = suites["needle"]["results"].get(m)
             if not g:
                 return None
-            flat = [v for row in g["accuracy"] for v in row]
-            return sum(flat) / len(flat)
+            flat = [v for row in g["accuracy"] for v in row if v is not None]
+            return sum(flat) / len(flat) if flat else None
 
         cols.append(_needle)
     if "sinks" in suites:

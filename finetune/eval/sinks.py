@@ -33,8 +33,9 @@ QUERY_CHUNK = 512
 
 
 # --------------------------------------------------------------------------- statistics
-def sink_stats(first_token_probs: Sequence[torch.Tensor], threshold: float = 0.3,
-               exclude_first_query: bool = False) -> dict:
+def sink_stats(
+    first_token_probs: Sequence[torch.Tensor], threshold: float = 0.3, exclude_first_query: bool = False
+) -> dict:
     """Statistics from per-layer tensors ``(heads, queries)`` of the attention each query gives
     to the first token (query index = position)."""
     per_head = []
@@ -62,8 +63,9 @@ def sink_stats(first_token_probs: Sequence[torch.Tensor], threshold: float = 0.3
     }
 
 
-def sink_stats_from_attentions(attentions: Sequence[torch.Tensor], threshold: float = 0.3,
-                               exclude_first_query: bool = False) -> dict:
+def sink_stats_from_attentions(
+    attentions: Sequence[torch.Tensor], threshold: float = 0.3, exclude_first_query: bool = False
+) -> dict:
     """Same from full attention tensors, one per layer, ``(batch, heads, q, k)`` or
     ``(heads, q, k)`` (e.g. ``output_attentions=True`` under eager attention); batch is averaged."""
     probs = []
@@ -76,14 +78,18 @@ def sink_stats_from_attentions(attentions: Sequence[torch.Tensor], threshold: fl
 
 
 # --------------------------------------------------------------------------- masks
-def allowed_mask(layer_cfg: dict | None, q_pos: torch.Tensor, k_pos: torch.Tensor, num_heads: int) -> torch.Tensor:
+def allowed_mask(
+    layer_cfg: dict | None, q_pos: torch.Tensor, k_pos: torch.Tensor, num_heads: int
+) -> torch.Tensor:
     """Bool ``(heads or 1, Q, K)``: key visible from query in this layer at evaluation time."""
     i = q_pos.view(-1, 1)
     j = k_pos.view(1, -1)
     allow = (j <= i).unsqueeze(0)
     pattern = (layer_cfg or {}).get("pattern", "causal")
     if pattern == "sink_window":
-        allow = allow & ((j < layer_cfg.get("num_sink_tokens", 0)) | (i - j < layer_cfg["window"])).unsqueeze(0)
+        allow = allow & ((j < layer_cfg.get("num_sink_tokens", 0)) | (i - j < layer_cfg["window"])).unsqueeze(
+            0
+        )
     elif pattern == "block_sparse":
         B, local, stride = layer_cfg["block_size"], layer_cfg["local_blocks"], layer_cfg["stride"]
         step = layer_cfg.get("head_step")
@@ -95,12 +101,18 @@ def allowed_mask(layer_cfg: dict | None, q_pos: torch.Tensor, k_pos: torch.Tenso
     return allow
 
 
-def first_key_probs(query: torch.Tensor, key: torch.Tensor, scaling: float, layer_cfg: dict | None = None,
-                    q_pos: torch.Tensor | None = None, k_pos: torch.Tensor | None = None,
-                    chunk: int = QUERY_CHUNK) -> torch.Tensor:
+def first_key_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    layer_cfg: dict | None = None,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+    chunk: int = QUERY_CHUNK,
+) -> torch.Tensor:
     """Attention probability on key 0, ``(batch, heads, Q)``, from ``query (B, H, Q, d)`` and
     ``key (B, Hkv, K, d)``."""
-    B, H, Q, _ = query.shape
+    _, H, Q, _ = query.shape
     K = key.shape[2]
     if key.shape[1] != H:
         key = key.repeat_interleave(H // key.shape[1], dim=1)
@@ -164,8 +176,13 @@ def _probed(model):
 
 
 @torch.no_grad()
-def model_sink_stats(model, sequences: Sequence[torch.Tensor], threshold: float = 0.3,
-                     exclude_first_query: bool = False, progress: bool = True) -> dict:
+def model_sink_stats(
+    model,
+    sequences: Sequence[torch.Tensor],
+    threshold: float = 0.3,
+    exclude_first_query: bool = False,
+    progress: bool = True,
+) -> dict:
     """Sink statistics of a Hugging Face causal LM over token sequences (1-D, equal length)."""
     was_training = model.training
     model.eval()
@@ -185,13 +202,33 @@ def model_sink_stats(model, sequences: Sequence[torch.Tensor], threshold: float 
     return stats
 
 
-def run(models: dict, ids: torch.Tensor, cfg, samples: int = 4, progress: bool = True) -> dict:
-    """Sink statistics of each model on ``samples`` windows of the smallest eval length."""
+def windows(ids: torch.Tensor, length: int, samples: int, bos_id: int | None = None) -> list[torch.Tensor]:
+    """Up to ``samples`` windows of ``length`` tokens spread over ``ids``; each starts with
+    ``bos_id`` when given (as every prompt does), followed by ``length - 1`` text tokens."""
     ids = ids.reshape(-1)
-    length = min(min(cfg.lengths), ids.numel())
-    n_avail = ids.numel() // length
-    n = max(1, min(samples, n_avail))
-    step = max(1, (n_avail - 1) // max(1, n - 1)) if n > 1 else 1
-    seqs = [ids[k * step * length : (k * step + 1) * length] for k in range(n)]
+    if bos_id is not None:
+        ids = ids[ids != bos_id]
+    body = length - (bos_id is not None)
+    n_avail = max(1, ids.numel() // body)
+    n = min(samples, n_avail)
+    step = (n_avail - 1) // (n - 1) if n > 1 else 1
+    out = []
+    for k in range(n):
+        w = ids[k * step * body : k * step * body + body]
+        if bos_id is not None:
+            w = torch.cat([torch.tensor([bos_id], dtype=w.dtype), w])
+        out.append(w)
+    return out
+
+
+def run(models: dict, ids: torch.Tensor, cfg, samples: int = 4, progress: bool = True) -> dict:
+    """Sink statistics of each model on ``samples`` windows of the smallest eval length (or the
+    whole text when shorter), each starting with the model tokenizer's BOS when it has one."""
     exclude = getattr(cfg, "sink_exclude_first_query", False)
-    return {name: model_sink_stats(m, seqs, cfg.sink_threshold, exclude, progress) for name, (m, _t) in models.items()}
+    out = {}
+    for name, (model, tok) in models.items():
+        bos_id = getattr(tok, "bos_token_id", None)
+        length = min(min(cfg.lengths), ids.numel())
+        seqs = windows(ids, length, samples, bos_id)
+        out[name] = model_sink_stats(model, seqs, cfg.sink_threshold, exclude, progress)
+    return out

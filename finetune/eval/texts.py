@@ -1,13 +1,15 @@
 """Evaluation text: where it comes from and whether training saw it.
 
-Order: ``eval.perplexity_source``, else the recipe's first data source, else the bundled
-``shakespeare`` corpus, else (perplexity skipped) synthetic filler for needle only. Sources are
-read with ``data_prep.sources.LOADERS`` (the same readers as ``longtune prepare``).
-
-Held-out text: when the prepared dataset's manifest (``<data_dir>/manifest.json``) lists the
-documents used for training (``train_documents``) or held out (``eval_documents`` /
-``held_out_documents``) by ``where``/title/path, documents training did not see are used
-first; when it does not, the summary says that the text may overlap the training data.
+Order of preference:
+1. ``eval.perplexity_source`` (a data source like any other; overlap with training unchecked);
+2. the prepared dataset's ``eval`` split (``data.eval_fraction`` > 0, ``<data_dir>/manifest.json``
+   counts it): packed rows that training never saw, decoded back to text with the dataset's
+   tokenizer (document separators become blank lines);
+3. the recipe's first data source (e.g. corpus ``shakespeare``): ``longtune prepare`` records
+   per-source counts but not which documents went into training rows, so this text may have
+   been trained on, and summary.md says so;
+4. no source: the bundled ``shakespeare`` corpus.
+Sources are read with ``data_prep.sources.LOADERS`` (the readers of ``longtune prepare``).
 """
 
 from __future__ import annotations
@@ -59,83 +61,126 @@ def read_source(src) -> list[tuple[str, str]]:
     return out
 
 
-def _manifest(run_dir: Path, recipe) -> dict | None:
-    cands = []
+def data_dir(run_dir: Path, recipe) -> Path:
     if recipe is not None and recipe.data.output_dir:
-        cands.append(Path(recipe.data.output_dir))
-    cands.append(run_dir / "data")
-    for d in cands:
-        f = d / "manifest.json"
-        if f.is_file():
-            try:
-                return json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError):
-                return None
-    return None
+        return Path(recipe.data.output_dir)
+    return run_dir / "data"
 
 
-def _names(v) -> set[str]:
-    if not isinstance(v, list):
-        return set()
-    out = set()
-    for x in v:
-        if isinstance(x, str):
-            out.add(x)
-        elif isinstance(x, dict):
-            out |= {str(x[k]) for k in ("where", "title", "path") if k in x}
-    return out
+def _manifest(d: Path) -> dict | None:
+    try:
+        return json.loads((d / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
-def eval_text(run_dir: Path, recipe) -> EvalText | None:
-    """The evaluation documents (None when no source can be read)."""
-    src, origin = None, None
+def held_out_split(d: Path, manifest: dict, max_tokens: int | None = None) -> list[str]:
+    """The prepared ``eval`` split decoded to text (one string: the rows are contiguous)."""
+    import datasets
+
+    from data_prep.assets import load_tokenizer
+
+    tok = load_tokenizer(manifest["tokenizer"]["name"])
+    rows = datasets.load_from_disk(str(d))["eval"]["input_ids"]
+    ids: list[int] = []
+    for r in rows:
+        ids.extend(int(t) for t in r)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    special = {t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None}
+    docs, cur = [], []
+    for t in ids:
+        if t in special:
+            if cur:
+                docs.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    if cur:
+        docs.append(cur)
+    return ["\n\n".join(tok.decode(c, skip_special_tokens=True) for c in docs)]
+
+
+def eval_text(run_dir: Path, recipe, max_tokens: int | None = None) -> EvalText | None:
+    """The evaluation documents (documents empty, with the reason in ``note``, when none can be read)."""
     if recipe is not None and recipe.eval.perplexity_source is not None:
-        src, origin = recipe.eval.perplexity_source, "eval.perplexity_source"
-    elif recipe is not None and recipe.data.sources:
-        src, origin = recipe.data.sources[0], "data.sources[0]"
-    if src is None:
-        from finetune.recipe import SourceSection
+        src = recipe.eval.perplexity_source
+        return _from_source(
+            src,
+            "eval.perplexity_source",
+            True,
+            "separate evaluation source (eval.perplexity_source); its overlap with training is not checked",
+        )
+    fallback_note = None
+    d = data_dir(run_dir, recipe)
+    man = _manifest(d)
+    if man and (man.get("counts") or {}).get("eval"):
+        try:
+            docs = held_out_split(d, man, max_tokens)
+            n = man["counts"]["eval"]
+            return EvalText(
+                docs,
+                f"held-out eval split of the prepared data ({d}, {n} rows of {man.get('seq_length')} tokens)",
+                True,
+                "rows of the prepared dataset's eval split (data.eval_fraction): never trained on",
+            )
+        except Exception as e:  # noqa: BLE001 - fall back to the source, say why
+            fallback_note = f"the eval split in {d} could not be read ({type(e).__name__}: {e})"
+    if recipe is not None and recipe.data.sources:
+        src = recipe.data.sources[0]
+        why = fallback_note or (
+            f"no held-out split (prepared data in {d} has no eval rows)"
+            if man
+            else f"no prepared data manifest in {d}"
+        )
+        return _from_source(
+            src,
+            "data.sources[0]",
+            False,
+            f"this is the training data source and {why}; the manifest does not record which "
+            "documents training used, so this text may have been seen in training (perplexity "
+            "is then optimistic). Set data.eval_fraction or eval.perplexity_source for held-out text.",
+        )
+    from finetune.recipe import SourceSection
 
-        src, origin = SourceSection(type="corpus", path="shakespeare"), "bundled corpus (no data source)"
+    return _from_source(
+        SourceSection(type="corpus", path="shakespeare"),
+        "bundled corpus (the recipe has no data source)",
+        None,
+        "bundled demo corpus; the recipe names no data source, overlap unknown",
+    )
+
+
+def _from_source(src, origin: str, held_out: bool | None, note: str) -> EvalText:
     try:
         docs = read_source(src)
     except Exception as e:  # noqa: BLE001 - reported in the summary
-        return EvalText([], f"{src.type}:{src.path}", None, f"could not read {origin} ({src.type}:{src.path}): {e}")
-    desc = f"{src.type}:{src.path} ({origin}, {len(docs)} documents)"
-    if origin == "eval.perplexity_source":
-        return EvalText([t for _, t in docs], desc, True,
-                        "separate evaluation source (eval.perplexity_source); its overlap with training is not checked",
-                        [w for w, _ in docs])
-    man = _manifest(run_dir, recipe) or {}
-    train = _names(man.get("train_documents"))
-    held = _names(man.get("eval_documents")) | _names(man.get("held_out_documents"))
-
-    def seen(where: str) -> bool:
-        key = {where, Path(where).stem, Path(where).name}
-        if held:
-            return not (key & held)
-        return bool(key & train)
-
-    if held or train:
-        unseen = [(w, t) for w, t in docs if not seen(w)]
-        if unseen:
-            return EvalText([t for _, t in unseen], f"{desc}; {len(unseen)} held-out documents", True,
-                            "documents the data manifest marks as not used for training", [w for w, _ in unseen])
-        note = "the data manifest lists every document of the source as training data: text was seen in training"
-        return EvalText([t for _, t in docs], desc, False, note, [w for w, _ in docs])
-    note = ("the training data source itself: no manifest of held-out documents was found, so this text may "
-            "have been seen in training (perplexity is then optimistic). Set eval.perplexity_source to held-out text.")
-    return EvalText([t for _, t in docs], desc, False, note, [w for w, _ in docs])
+        return EvalText(
+            [], f"{src.type}:{src.path}", None, f"could not read {origin} ({src.type}:{src.path}): {e}"
+        )
+    if not docs:
+        return EvalText([], f"{src.type}:{src.path}", None, f"{origin} ({src.type}:{src.path}) has no text")
+    return EvalText(
+        [t for _, t in docs],
+        f"{src.type}:{src.path} ({origin}, {len(docs)} documents)",
+        held_out,
+        note,
+        [w for w, _ in docs],
+    )
 
 
-def token_stream(tokenizer, documents: list[str], max_tokens: int | None = None) -> torch.Tensor:
+def token_stream(
+    tokenizer, documents: list[str], max_tokens: int | None = None, progress: bool = False
+) -> torch.Tensor:
     """Documents tokenized and concatenated (BOS first, EOS between documents), up to max_tokens."""
     ids: list[int] = []
     bos_id = getattr(tokenizer, "bos_token_id", None)
     eos_id = getattr(tokenizer, "eos_token_id", None)
     if bos_id is not None:
         ids.append(bos_id)
-    for k, doc in enumerate(documents):
+    from tqdm.auto import tqdm
+
+    for k, doc in enumerate(tqdm(documents, desc="tokenizing", leave=False, disable=not progress)):
         if k and eos_id is not None:
             ids.append(eos_id)
         ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])

@@ -23,7 +23,7 @@ class ExportError(RuntimeError):
     """A run that cannot be exported; the message says which file and what to do."""
 
 
-__all__ = ["export_run", "main", "ExportError"]
+__all__ = ["ExportError", "export_run", "main"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 HERE = Path(__file__).resolve().parent
@@ -69,12 +69,14 @@ def _generation_config(model, tokenizer):
 
 
 def _export_info(run, recipe, dtype: str, kv: dict) -> dict[str, Any]:
+    # Paths relative to the run: this file and the card get published, local paths should not.
     info: dict[str, Any] = {
         "longtune_export_version": 1,
-        "run_dir": str(run.run_dir.resolve()),
-        "source": str(run.source.resolve()),
+        "source": _rel(run.source, run.run_dir),
         "base_model": run.base_ref,
-        "base_path": run.base_path,
+        "base_path": _rel(Path(run.base_path), run.run_dir)
+        if Path(run.base_path).exists()
+        else run.base_path,
         "lora_mode": run.lora_mode,
         "recipe_hash": run.meta.get("recipe_hash"),
         "dtype": dtype,
@@ -87,8 +89,19 @@ def _export_info(run, recipe, dtype: str, kv: dict) -> dict[str, Any]:
         info["name"] = recipe.name
         info["license"] = recipe.export.license
         info["datasets"] = [s.path for s in recipe.data.sources if s.type == "hub"]
-        info["datasets_all"] = [f"{s.type}: {s.path}" for s in recipe.data.sources]
+        # Local files by name only (the card is published); Hub ids and bundled corpora in full.
+        info["datasets_all"] = [
+            f"{s.type}: {s.path if s.type in ('hub', 'corpus') else Path(s.path).name}"
+            for s in recipe.data.sources
+        ]
     return info
+
+
+def _rel(p: Path, root: Path) -> str:
+    try:
+        return p.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(p)
 
 
 def _check_written(tmp: Path) -> None:
@@ -99,6 +112,15 @@ def _check_written(tmp: Path) -> None:
     if pickles:
         raise ExportError(f"export would contain pickle files: {pickles}")
     refuse_empty(sorted(tmp.glob("*.safetensors")), tmp)
+
+
+def _readable(d: Path) -> None:
+    """Shards are written 0600 by the serializer: give them the usual file mode (umask applies)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in d.rglob("*"):
+        if f.is_file():
+            os.chmod(f, 0o666 & ~mask)
 
 
 def _swap_in(tmp: Path, out: Path, force: bool) -> None:
@@ -137,7 +159,7 @@ def export_run(
     import torch
 
     from finetune.export import card, kv_config
-    from finetune.export.merge import load_merged, read_meta, find_final
+    from finetune.export.merge import load_merged
 
     run_dir = Path(run_dir)
     if (run_dir / "longtune_model.json").is_file():  # given final/ itself
@@ -154,9 +176,11 @@ def export_run(
     shard = max_shard_size or (recipe.export.max_shard_size if recipe else "2GB")
 
     # Validate the cheap things before merging: the KV config against the run's model config.
-    from finetune.export.merge import config_from_dict
+    from finetune.export.merge import config_from_dict, newest_checkpoint, run_meta
 
-    meta = read_meta(find_final(run_dir))
+    if checkpoint is True:
+        checkpoint = newest_checkpoint(run_dir)
+    meta = run_meta(run_dir, Path(checkpoint) if checkpoint else None)
     run_config = config_from_dict(meta["model_config"])
     layout = getattr(run_config, "longtune_attention", None)
     inf_layout = None
@@ -205,6 +229,7 @@ def export_run(
         eval_dir = run_dir / "eval"
         card.write_card(tmp, eval_dir if eval_dir.is_dir() else None)
         _check_written(tmp)
+        _readable(tmp)
         _swap_in(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

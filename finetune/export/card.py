@@ -89,10 +89,14 @@ def _kv_lines(kv: dict | None) -> list[str]:
         "hybrid": "LongGen hybrid: full layers keep everything, sparse layers keep sinks + window",
     }[m]
     lines = [f"`kv_cache_config.json` (version {kv.get('version')}): **{m}**: {desc}.", ""]
-    keys = ["heavy", "recent", "heavy_ratio", "recent_ratio", "window", "num_sink_tokens",
-            "score_normalization", "gqa_reduction", "layers", "full_layers", "attn_implementation"]  # fmt: skip
-    if m == "full":
-        keys = ["full_layers", "attn_implementation"]
+    keys = {
+        "full": ["full_layers", "attn_implementation"],
+        "h2o": ["heavy", "recent", "heavy_ratio", "recent_ratio", "num_sink_tokens", "score_normalization",
+                "gqa_reduction", "layers", "prefill_chunk", "attn_implementation"],
+        "sink": ["window", "num_sink_tokens", "layers", "attn_implementation"],
+        "hybrid": ["window", "num_sink_tokens", "layers", "full_layers", "attn_implementation"],
+    }[m]  # fmt: skip
+    keys = [k for k in keys if kv.get(k) is not None or k == "attn_implementation"]
     lines += ["| key | value |", "| --- | --- |"]
     lines += [f"| {k} | `{json.dumps(kv.get(k))}` |" for k in keys if k in kv]
     return lines
@@ -135,11 +139,15 @@ def render(export_dir: str | Path, eval_dir: str | Path | None = None) -> str:
     name = info.get("name") or export_dir.parent.name
     out = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", ""]
     base = info.get("base_model")
-    base_txt = f"`{base}`" if base and base != "base" else "a randomly initialised / pretrained-from-scratch base"
+    base_txt = (
+        f"`{base}`" if base and base != "base" else "a randomly initialised / pretrained-from-scratch base"
+    )
     out += [
-        f"Long-context model fine-tuned with longtune from {base_txt}"
-        f" ({info.get('lora_mode', 'lora')} training, merged into full weights, exported in "
-        f"`{info.get('dtype', config.get('dtype'))}`).",
+        (
+            f"Long-context model fine-tuned with longtune from {base_txt}"
+            f" ({info.get('lora_mode', 'lora')} training, merged into full weights, exported in "
+            f"`{info.get('dtype', config.get('dtype'))}`)."
+        ),
         "",
         "## Context length and RoPE",
         "",
@@ -154,19 +162,35 @@ def render(export_dir: str | Path, eval_dir: str | Path | None = None) -> str:
     out += ["", "## Attention layout", ""]
     if hybrid:
         out += [
-            "**LongGen hybrid**: the sparse layers stay sparse at inference. The config has "
-            "`model_type: longtune_llama` so plain Llama code cannot silently run it with full attention.",
+            (
+                "**LongGen hybrid**: the sparse layers stay sparse at inference. The config has "
+                "`model_type: longtune_llama` so plain Llama code cannot silently run it with full attention."
+            ),
             "",
         ]
     out += ["Inference (`config.longtune_attention`):", ""] + _layout_lines(layout) + [""]
     if train_layout and any(l["pattern"] in TRAINING_ONLY for l in train_layout["layers"]):
-        out += [
-            "Training used a training-only pattern (full attention at inference, as exported):",
-            "",
-        ] + _layout_lines(train_layout) + [""]
+        out += (
+            [
+                "Training used a training-only pattern (full attention at inference, as exported):",
+                "",
+            ]
+            + _layout_lines(train_layout)
+            + [""]
+        )
         for p in sorted(patterns & set(TRAINING_ONLY)):
             out.append(f"- `{p}`: {PATTERN_NAMES[p]}")
         out.append("")
+    if hybrid:
+        out += [
+            (
+                "The sparse layers' window / block / stride values are this recipe's choices: LongGen "
+                "(Ge et al. 2024) did not publish its own."
+            ),
+            "",
+        ]
+    elif train_layout == layout:
+        out += ["Training used the same layout.", ""]
     out += ["## KV cache", ""] + _kv_lines(kv) + [""]
     out += ["## Usage", "", "```python", "import finetune", "", 'model = finetune.load_model("PATH")',
             'tok = finetune.load_tokenizer("PATH")',
@@ -174,25 +198,26 @@ def render(export_dir: str | Path, eval_dir: str | Path | None = None) -> str:
             "```", ""]  # fmt: skip
     if hybrid:
         out += [
-            "With plain transformers (longtune installed): "
-            '`AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)`.',
+            (
+                "With plain transformers (longtune installed): "
+                '`AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)`.'
+            ),
             "",
         ]
     else:
         out += [
-            "This is a plain Llama checkpoint: `AutoModelForCausalLM.from_pretrained(\"PATH\")` works "
-            "anywhere (full KV cache unless you use longtune's caches).",
+            (
+                'This is a plain Llama checkpoint: `AutoModelForCausalLM.from_pretrained("PATH")` works '
+                "anywhere (full KV cache unless you use longtune's caches)."
+            ),
             "",
         ]
     if info.get("datasets_all"):
         out += ["## Training data", ""] + [f"- `{d}`" for d in info["datasets_all"]] + [""]
-    if eval_dir is None and info.get("run_dir"):
-        cand = Path(info["run_dir"]) / "eval"
-        eval_dir = cand if cand.is_dir() else None
     out += _eval_section(Path(eval_dir) if eval_dir else None)
     if info.get("recipe_hash"):
         out += ["## Provenance", "", f"- recipe hash: `{info['recipe_hash']}`",
-                f"- exported from: `{info.get('source')}`", ""]  # fmt: skip
+                f"- exported from: `{info.get('source')}` of the run", ""]  # fmt: skip
     return "\n".join(out).rstrip() + "\n"
 
 

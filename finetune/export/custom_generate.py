@@ -8,7 +8,9 @@ remote code. Pass `kv_cache="full"` (or a KV-cache config dict) to override per 
 """
 
 
-def generate(model, *args, **kwargs):
+def generate(*args, model, **kwargs):
+    # `model` is keyword-only: transformers binds it with functools.partial(generate, model=model),
+    # so the caller's positional input_ids must not land on it.
     try:
         from finetune.loading import generate_with_cache
     except ImportError:

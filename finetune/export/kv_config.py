@@ -62,9 +62,7 @@ def _layout(model_config) -> dict | None:
 
 def build(kv_section, model_config, where: str = "export.kv_cache") -> dict[str, Any]:
     """Recipe `export.kv_cache` (a KVCacheSection or dict) -> validated, versioned config dict."""
-    raw = kv_section.model_dump(mode="json") if hasattr(kv_section, "model_dump") else dict(kv_section)
-    cfg = {k: raw.get(k) for k in KEYS if k in raw}
-    cfg.setdefault("method", "full")
+    cfg = kv_section.model_dump(mode="json") if hasattr(kv_section, "model_dump") else dict(kv_section)
     return validate({"version": VERSION, **cfg}, model_config, where=where)
 
 
@@ -82,7 +80,7 @@ def validate(cfg: dict[str, Any], model_config, where: str = "kv_cache") -> dict
         raise _err("version", f"unsupported version {version!r} (this longtune reads {VERSION})", where)
     unknown = set(cfg) - set(KEYS) - {"version", "attn_implementation", "full_layers", "num_layers"}
     if unknown:
-        raise _err(sorted(unknown)[0], f"unknown key (valid: {', '.join(KEYS)})", where)
+        raise _err(min(unknown), f"unknown key (valid: {', '.join(KEYS)})", where)
     method = cfg.setdefault("method", "full")
     if method not in METHODS:
         raise _err("method", f"must be one of {', '.join(METHODS)} (got {method!r})", where)
@@ -128,19 +126,22 @@ def validate(cfg: dict[str, Any], model_config, where: str = "kv_cache") -> dict
                 "layers all use full attention at inference. Use h2o, sink or full.",
                 where,
             )
-        sparse = [l for l in layout["layers"] if l.get("pattern") in SPARSE_PATTERNS]
-        kinds = sorted({l["pattern"] for l in sparse})
-        if kinds != ["sink_window"]:
-            raise _err(
-                "method",
-                f"'hybrid' keeps sinks + a window in the sparse layers, which needs sink_window layers; "
-                f"this model's sparse layers are {kinds}. Use full.",
-                where,
-            )
-        win, sinks = sparse[0]["window"], sparse[0].get("num_sink_tokens", 0)
-        if cfg["window"] not in (None, win):
-            raise _err("window", f"the hybrid cache must keep the layers' window ({win}), got {cfg['window']}", where)
-        cfg["window"], cfg["num_sink_tokens"] = win, sinks
+        # The hybrid cache keeps what each sparse layer can see (sinks + window for sink_window,
+        # local + strided blocks for block_sparse), read from the layout: record the window.
+        windows = {
+            (l["window"], l.get("num_sink_tokens", 0))
+            for l in layout["layers"]
+            if l.get("pattern") == "sink_window"
+        }
+        if len(windows) == 1:
+            win, sinks = windows.pop()
+            if cfg["window"] not in (None, win):
+                raise _err(
+                    "window",
+                    f"the hybrid cache keeps the layers' own window ({win}), got {cfg['window']}",
+                    where,
+                )
+            cfg["window"], cfg["num_sink_tokens"] = win, sinks
         cfg["layers"] = "sparse"
     elif method == "h2o":
         for part in ("heavy", "recent"):
@@ -148,9 +149,10 @@ def validate(cfg: dict[str, Any], model_config, where: str = "kv_cache") -> dict
                 raise _err(part, f"set {part} (tokens) or {part}_ratio, not both", where)
             if cfg[part] is None and cfg[f"{part}_ratio"] is None:
                 cfg[f"{part}_ratio"] = DEFAULT_RATIO
-    elif method == "sink":
-        if cfg["window"] is None:
-            raise _err("window", "method 'sink' needs window: the number of recent tokens kept after the sinks", where)
+    elif method == "sink" and cfg["window"] is None:
+        raise _err(
+            "window", "method 'sink' needs window: the number of recent tokens kept after the sinks", where
+        )
 
     cfg["num_layers"] = n
     cfg["full_layers"] = full_layers(layout)

@@ -17,9 +17,13 @@ from typing import Any
 
 import torch
 
-#: Config keys that fix the shape of every weight: base and run must agree on all of them.
+#: Config keys that fix the shape (or the function) of every weight: base and run must agree.
 ARCH_KEYS = (
     "model_type",
+    "hidden_act",
+    "rms_norm_eps",
+    "attention_bias",
+    "mlp_bias",
     "hidden_size",
     "intermediate_size",
     "num_hidden_layers",
@@ -34,7 +38,7 @@ ADAPTER_FILES = ("adapter_model.safetensors",)
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
 
 
-from finetune.export import ExportError  # noqa: E402  (defined before any submodule import)
+from finetune.export import ExportError
 
 
 @dataclass
@@ -78,6 +82,34 @@ def read_meta(final: Path) -> dict[str, Any]:
     return meta
 
 
+def run_meta(run_dir: Path, source: Path | None = None) -> dict[str, Any]:
+    """longtune_model.json of `source` (a checkpoint) or `final/`; for a run that has only
+    checkpoints (stopped early), rebuilt from its `recipe.yaml` when the base can be reloaded."""
+    for d in ([source] if source is not None else []) + [run_dir / "final"]:
+        if (d / "longtune_model.json").is_file():
+            return read_meta(d)
+    recipe_file = run_dir / "recipe.yaml"
+    if source is None or not recipe_file.is_file():
+        find_final(run_dir)  # raises the right message
+    from finetune.model import build_config
+    from finetune.recipe import load_recipe
+    from finetune.train import identity_hash
+
+    recipe = load_recipe(recipe_file)
+    if recipe.model.config is not None and recipe.lora.mode != "full":
+        raise ExportError(
+            f"{run_dir} has no final/: the base weights of an inline-config run (model.config) are saved "
+            f"in final/base/ only when training finishes, so checkpoint {source.name} cannot be merged"
+        )
+    return {
+        "base_model": recipe.model.name_or_path or "base",
+        "kind": recipe.kind,
+        "lora_mode": recipe.lora.mode,
+        "recipe_hash": identity_hash(recipe),
+        "model_config": build_config(recipe).to_dict(),
+    }
+
+
 def newest_checkpoint(run_dir: Path) -> Path:
     found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit()]
     if not found:
@@ -91,7 +123,7 @@ def base_location(final: Path, base_ref: str) -> str:
         base = final / "base"
         if not (base / "config.json").is_file():
             raise ExportError(
-                f"{final}/longtune_model.json says the base is inline (\"base\") but {base}/config.json "
+                f'{final}/longtune_model.json says the base is inline ("base") but {base}/config.json '
                 "is missing; the run's final/ is incomplete"
             )
         return str(base)
@@ -153,7 +185,7 @@ def empty_tensors(files: list[Path]) -> list[str]:
     out = []
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
-            for name in fh.keys():
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
                 shape = fh.get_slice(name).get_shape()
                 if any(s == 0 for s in shape):
                     out.append(f"{f.name}:{name}")
@@ -169,12 +201,14 @@ def refuse_empty(files: list[Path], where: Path) -> None:
         raise ExportError(
             f"{where} holds {len(bad)} empty (zero-size) tensors ({shown}): DeepSpeed ZeRO-3 saved its "
             "partition placeholders instead of the gathered weights. Set "
-            "\"stage3_gather_16bit_weights_on_model_save\": true in the DeepSpeed config and save again, "
+            '"stage3_gather_16bit_weights_on_model_save": true in the DeepSpeed config and save again, '
             "or export from the DeepSpeed checkpoint: longtune export RUN_DIR --checkpoint"
         )
 
 
-def check_adapter_shapes(peft_state: dict[str, torch.Tensor], base: torch.nn.Module, base_path: str, src: Path):
+def check_adapter_shapes(
+    peft_state: dict[str, torch.Tensor], base: torch.nn.Module, base_path: str, src: Path
+):
     """Every LoRA / modules_to_save tensor must fit the base module it attaches to."""
     params = dict(base.named_parameters())
     for name, t in peft_state.items():
@@ -183,7 +217,9 @@ def check_adapter_shapes(peft_state: dict[str, torch.Tensor], base: torch.nn.Mod
             mod_name = key.split(".lora_")[0]
             w = params.get(mod_name + ".weight")
             if w is None:
-                raise ExportError(f"adapter {src}: tensor {name} targets {mod_name}, which the base {base_path} lacks")
+                raise ExportError(
+                    f"adapter {src}: tensor {name} targets {mod_name}, which the base {base_path} lacks"
+                )
             expect = w.shape[1] if ".lora_A" in key else w.shape[0]
             got = t.shape[1] if ".lora_A" in key else t.shape[0]
             if expect != got:
@@ -236,7 +272,7 @@ def peft_state_from_zero(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for k, v in sd.items():
         if "lora_" not in k and ".modules_to_save." not in k:
             continue
-        k2 = k.replace(".default.", ".")
+        k2 = k.replace(".modules_to_save.default.", ".").replace(".default.", ".")
         if not k2.startswith("base_model.model."):
             k2 = "base_model.model." + k2
         out[k2] = v
@@ -303,10 +339,13 @@ def load_merged(run_dir: str | Path, checkpoint: bool | str | Path = False, dtyp
         source = newest_checkpoint(run_dir) if checkpoint is True else Path(checkpoint)
         if not source.is_dir():
             raise ExportError(f"checkpoint {source} does not exist")
-    meta_dir = source if (source / "longtune_model.json").is_file() else final
-    meta = read_meta(meta_dir if (meta_dir / "longtune_model.json").is_file() else find_final(run_dir))
-    lora_mode = meta.get("lora_mode") or ("full" if not (source / "adapter_config.json").is_file() else "lora")
-    if lora_mode == "full" or ((source / "config.json").is_file() and not (source / "adapter_config.json").is_file()):
+    meta = run_meta(run_dir, source if checkpoint else None)
+    lora_mode = meta.get("lora_mode") or (
+        "full" if not (source / "adapter_config.json").is_file() else "lora"
+    )
+    if lora_mode == "full" or (
+        (source / "config.json").is_file() and not (source / "adapter_config.json").is_file()
+    ):
         return _load_full(run_dir, source, meta, dtype)
 
     base, run_config, base_path = load_base(final, meta, dtype=torch.float32)
@@ -323,9 +362,7 @@ def load_merged(run_dir: str | Path, checkpoint: bool | str | Path = False, dtyp
 
     peft_model = get_peft_model(base, lcfg)
     result = set_peft_model_state_dict(peft_model, state)
-    missing = [
-        k for k in getattr(result, "missing_keys", []) if ("lora_" in k or ".modules_to_save." in k)
-    ]
+    missing = [k for k in getattr(result, "missing_keys", []) if ("lora_" in k or ".modules_to_save." in k)]
     if missing:
         raise ExportError(f"adapter {source} lacks trained tensors the adapter config needs: {missing[:4]}")
     merged = peft_model.merge_and_unload()
@@ -347,7 +384,7 @@ def load_peft(run_dir: str | Path, dtype=torch.float32):
     """The unmerged peft model of a run's `final/` (tests, comparisons)."""
     final = find_final(run_dir)
     meta = read_meta(final)
-    base, _, base_path = load_base(final, meta, dtype=dtype)
+    base, _, _ = load_base(final, meta, dtype=dtype)
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, str(final)).eval()

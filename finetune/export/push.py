@@ -27,7 +27,9 @@ def resolve_export_dir(path: str | Path) -> Path:
         return p
     if (p / "export" / "config.json").is_file():
         return p / "export"
-    raise PushError(f"{p} holds no export (no config.json in it or in {p / 'export'}); run `longtune export {p}` first")
+    raise PushError(
+        f"{p} holds no export (no config.json in it or in {p / 'export'}); run `longtune export {p}` first"
+    )
 
 
 def upload_files(export_dir: Path) -> list[tuple[str, int]]:
@@ -50,7 +52,9 @@ def check_export(export_dir: Path, files: list[tuple[str, int]]) -> None:
         raise PushError(f"{export_dir} has no safetensors weights")
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
     if pickles:
-        raise PushError(f"{export_dir} holds pickle files ({', '.join(pickles)}); longtune only publishes safetensors")
+        raise PushError(
+            f"{export_dir} holds pickle files ({', '.join(pickles)}); longtune only publishes safetensors"
+        )
 
 
 def _size(n: int) -> str:
@@ -61,7 +65,9 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def push(export_dir, repo: str, private: bool = True, dry_run: bool = False, token: str | None = None, out=None):
+def push(
+    export_dir, repo: str, private: bool = True, dry_run: bool = False, token: str | None = None, out=None
+):
     """Create `repo` (if needed) and upload the export folder. Returns the files as (path, bytes).
 
     `export_dir` may be a run directory (its `export/` is used).
@@ -98,11 +104,15 @@ def push(export_dir, repo: str, private: bool = True, dry_run: bool = False, tok
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="longtune push", description="Upload a run's export to the Hugging Face Hub")
+    ap = argparse.ArgumentParser(
+        prog="longtune push", description="Upload a run's export to the Hugging Face Hub"
+    )
     ap.add_argument("run_dir", help="run directory (its export/ is pushed) or an export directory")
     ap.add_argument("--repo", help="user/name on the Hub (default: the recipe's export.hub_repo)")
     vis = ap.add_mutually_exclusive_group()
-    vis.add_argument("--private", dest="private", action="store_true", default=None, help="private repo (default)")
+    vis.add_argument(
+        "--private", dest="private", action="store_true", default=None, help="private repo (default)"
+    )
     vis.add_argument("--public", dest="private", action="store_false", help="public repo")
     ap.add_argument("--dry-run", action="store_true", help="list the files and sizes, upload nothing")
     a = ap.parse_args(argv)

@@ -30,8 +30,16 @@ def apply_probs(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.reshape(B, H, Lq, v.shape[-1])
 
 
+def _upcast(*xs):
+    """fp16/bf16 math in float32 (the sink part of the flash path runs here)."""
+    return [x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in xs]
+
+
 def attention_with_lse(q, k, v, mask: torch.Tensor, scale: float):
-    """(out, lse, probs) of masked softmax attention; rows with no visible key give out 0, lse -inf."""
+    """(out, lse, probs) of masked softmax attention; rows with no visible key give out 0, lse -inf.
+    Half-precision inputs are computed in float32; out is returned in q's dtype."""
+    dtype = q.dtype
+    q, k, v = _upcast(q, k, v)
     s = scores(q, k, scale).masked_fill(~mask, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
@@ -39,7 +47,7 @@ def attention_with_lse(q, k, v, mask: torch.Tensor, scale: float):
     denom = e.sum(dim=-1, keepdim=True)
     p = e / denom.clamp_min(torch.finfo(e.dtype).tiny)
     lse = (torch.log(denom) + m).squeeze(-1)
-    return apply_probs(p, v), lse, p
+    return apply_probs(p, v).to(dtype), lse, p
 
 
 def attention_backward(dout, q, k, v, mask, scale, out, lse):
@@ -49,6 +57,8 @@ def attention_backward(dout, q, k, v, mask, scale, out, lse):
     gradients of a partition of the keys add up to those of the whole (the ring-attention
     identity); flash-attn's backward is called the same way in backends/flash.py.
     """
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    dout, q, k, v, out = _upcast(dout, q, k, v, out)
     s = scores(q, k, scale).masked_fill(~mask, float("-inf"))
     lse_f = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1)
     p = torch.exp(s - lse_f)
@@ -60,7 +70,7 @@ def attention_backward(dout, q, k, v, mask, scale, out, lse):
     ds = p * (dp - delta) * scale
     dq = torch.einsum("bgrqk,bgkd->bgrqd", ds.view(B, Hkv, H // Hkv, Lq, Lk), k).reshape(q.shape)
     dk = torch.einsum("bgrqk,bgrqd->bgkd", ds.view(B, Hkv, H // Hkv, Lq, Lk), _grouped(q, Hkv))
-    return dq, dk, dv
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2])
 
 
 def slice_queries(ctx: MaskContext, sl: slice) -> MaskContext:

@@ -31,7 +31,7 @@ def _flex():
     if not compile_enabled():
         return flex_attention
     if _COMPILED is None:
-        _COMPILED = torch.compile(flex_attention, dynamic=False)
+        _COMPILED = torch.compile(flex_attention)  # dynamic after a recompile: varlen SFT
     return _COMPILED
 
 
@@ -61,6 +61,8 @@ def forward(q, k, v, spec: dict, ctx: MaskContext, scale: float) -> torch.Tensor
             "FlexAttention has no backward on CPU: set the layout's backend to 'sdpa_groups', 'sdpa' "
             "or 'dense' (or 'auto') for CPU training"
         )
+    if q.device.type == "cpu":  # forward only on CPU; flex refuses tensors that require grad
+        q, k, v = q.detach(), k.detach(), v.detach()
     bm = block_mask(spec, ctx, q.shape[1], q.shape[2], k.shape[2], q.device)
     out = _flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if not ctx.trivial:

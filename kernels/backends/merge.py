@@ -10,8 +10,8 @@ reference on the union mask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -66,12 +66,12 @@ class _Merged(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, out, lse, *kvs = ctx.saved_tensors
-        dq = torch.zeros_like(q)
-        grads = []
+        dq, grads = None, []
+        dout = dout.contiguous()
         for i, part in enumerate(ctx.parts):
             k, v = kvs[2 * i], kvs[2 * i + 1]
-            gq, gk, gv = part.bwd(dout.contiguous(), q, k, v, out, lse)
-            dq = dq + gq
+            gq, gk, gv = part.bwd(dout, q, k, v, out, lse)
+            dq = gq if dq is None else dq + gq
             grads += [gk, gv]
         return (dq, None, *grads)
 

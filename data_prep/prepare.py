@@ -1,0 +1,399 @@
+"""`prepare(recipe)`: the recipe's data sources -> a `datasets` dataset on disk + manifest.json.
+
+    python -m data_prep.prepare RECIPE [section.key=value ...] [--force]
+
+Writes `recipe.data_dir` (a `DatasetDict` saved with `save_to_disk`: `train`, and `eval` when
+`data.eval_fraction` > 0) and `manifest.json` beside it. The result is built in a temporary
+folder next to the destination and renamed into place, so a failure never leaves a partial
+dataset where training looks for one. See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.assets import load_tokenizer
+from data_prep.errors import DataError
+from data_prep.mixture import draw_mixture, length_upsample
+from data_prep.pretrain import pack, separator_id, tokenize_documents
+from data_prep.sft import IGNORE, tokenize_samples
+from data_prep.sources import read_source
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+# --------------------------------------------------------------------------- identity
+def tokenizer_name(recipe) -> str:
+    name = recipe.model.tokenizer or recipe.model.name_or_path
+    if name is None:
+        raise DataError("model.config builds a model without a tokenizer: set model.tokenizer (e.g. `byte`)")
+    return name
+
+
+def data_hash(recipe) -> str:
+    """Hash of everything that decides the prepared data (not where it is written or how fast)."""
+    spec = {
+        "version": MANIFEST_VERSION,
+        "data": recipe.data.model_dump(mode="json", exclude={"output_dir", "num_proc"}),
+        "seq_length": recipe.seq_length,
+        "tokenizer": tokenizer_name(recipe),
+        "seed": recipe.seed,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def is_prepared(recipe) -> bool:
+    """True when `recipe.data_dir` holds a dataset prepared from this recipe's data settings."""
+    path = Path(recipe.data_dir)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return manifest.get("data_hash") == data_hash(recipe) and (path / "dataset_dict.json").is_file()
+    except (OSError, ValueError):  # no manifest, unreadable manifest, or a recipe prepare would reject
+        return False
+
+
+# --------------------------------------------------------------------------- helpers
+def _col(ds, name) -> np.ndarray:
+    return ds.data.column(name).to_numpy(zero_copy_only=False)
+
+
+def _lists(ds, name):
+    """(values, offsets) of a list column: row j is values[offsets[j]:offsets[j+1]]."""
+    arr = ds.data.column(name).combine_chunks()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    offsets = arr.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+    return values, offsets
+
+
+def _flat(ds, name) -> np.ndarray:
+    """All rows of a list column, concatenated."""
+    values, offsets = _lists(ds, name)
+    return values[offsets[0] : offsets[-1]]
+
+
+def _histogram(lengths: np.ndarray) -> list[dict]:
+    """Counts in power-of-two bins [2^k, 2^(k+1))."""
+    if not len(lengths):
+        return []
+    k = np.floor(np.log2(np.maximum(lengths, 1))).astype(int)
+    counts = np.bincount(k)
+    return [{"min": 2**i, "max": 2 ** (i + 1) - 1, "count": int(c)} for i, c in enumerate(counts) if c]
+
+
+def _list_array(values: np.ndarray, lengths: np.ndarray):
+    import pyarrow as pa
+
+    large = int(np.sum(lengths)) >= 2**31  # list offsets are int32 unless the split is that big
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64 if large else np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    kind = pa.LargeListArray if large else pa.ListArray
+    return kind.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(values, dtype=np.int32)))
+
+
+def _table(columns: dict):
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    return datasets.Dataset(InMemoryTable(pa.table(columns)))
+
+
+def _content_hash(splits: dict) -> str:
+    h = hashlib.sha256()
+    for split in sorted(splits):
+        h.update(split.encode())
+        for name in ("input_ids", "labels", "position_ids"):
+            values, offsets = _lists(splits[split], name)
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(offsets - offsets[0], dtype=np.int64).tobytes())
+            h.update(np.ascontiguousarray(values[offsets[0] : offsets[-1]], dtype=np.int32).tobytes())
+    return h.hexdigest()
+
+
+def _split_rows(rows: int, data) -> tuple[int, int]:
+    """(train rows, eval rows): eval is the last `eval_fraction` of the rows, train the first.
+
+    With `max_sequences` capping train, eval keeps the same proportion to the capped train set.
+    """
+    f = data.eval_fraction
+    n_eval = max(1, round(rows * f)) if f > 0 else 0
+    if rows - n_eval < 1:
+        raise DataError(
+            f"only {rows} rows: too few to hold out data.eval_fraction={f}; add data or lower eval_fraction"
+        )
+    n_train = rows - n_eval
+    if data.max_sequences is not None and data.max_sequences < n_train:
+        n_train = data.max_sequences
+        if f > 0:
+            n_eval = min(n_eval, max(1, round(n_train * f / (1 - f))))
+    return n_train, n_eval
+
+
+# --------------------------------------------------------------------------- per source
+def _read(recipe, tokenizer, scratch: Path, progress):
+    """Read, normalise and tokenize every source; per-source kept indices and report."""
+    data = recipe.data
+    rng = np.random.default_rng(recipe.seed)
+    out = []
+    for i, src in enumerate(progress(data.sources, desc="sources", unit="source")):
+        ds = read_source(src, data, scratch / f"src{i}")
+        cache = str(scratch / f"tok{i}.arrow")
+        if data.format == "pretrain":
+            tok = tokenize_documents(ds, tokenizer, data.num_proc, cache)
+            n = _col(tok, "n").astype(np.int64)
+            status = np.full(len(n), "", dtype=object)
+            status[n < data.min_doc_tokens] = "too_short"
+            status[_col(tok, "empty").astype(bool)] = "empty"
+            up = length_upsample(n, data.long_doc_tokens, data.short_keep_prob, rng)
+            status[(status == "") & ~up] = "short_downsampled"
+        else:
+            tok = tokenize_samples(ds, tokenizer, data, recipe.seq_length, data.num_proc, cache)
+            errors = [e for e in _col(tok, "error") if e]
+            if errors:
+                more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+                raise DataError(errors[0] + more)
+            n = _col(tok, "n").astype(np.int64)
+            status = _col(tok, "status").astype(object)
+        kept = np.flatnonzero(status == "")
+        skipped = {}
+        for reason in sorted(set(status[status != ""])):
+            sel = status == reason
+            skipped[reason] = {"docs": int(sel.sum()), "tokens": int(n[sel].sum())}
+        report = {
+            "type": src.type,
+            "path": src.path,
+            "split": src.split,
+            "text_field": src.text_field,
+            "weight": src.weight,
+            "records": len(n),
+            "kept": {"docs": len(kept), "tokens": int(n[kept].sum())},
+            "skipped": skipped,
+        }
+        if not len(kept):
+            why = ", ".join(f"{r}: {v['docs']}" for r, v in skipped.items()) or "no records"
+            hint = {
+                "too_short": "lower data.min_doc_tokens",
+                "short_downsampled": "raise data.short_keep_prob or lower data.long_doc_tokens",
+                "overlong": "raise seq_length or set data.overlong: truncate",
+            }
+            hints = "; ".join(hint[r] for r in skipped if r in hint)
+            raise DataError(
+                f"source {src.path} ({src.type}): no usable {'documents' if data.format == 'pretrain' else 'samples'}"
+                f" out of {len(n)} ({why})" + (f"; {hints}" if hints else "")
+            )
+        out.append((tok, n, kept, report))
+    return out, rng
+
+
+# --------------------------------------------------------------------------- build
+def build(recipe, scratch: Path, progress=None) -> tuple[dict, dict]:
+    """The prepared splits (name -> Dataset) and the manifest, without writing anything final."""
+    if progress is None:
+        from tqdm.auto import tqdm as progress
+    data = recipe.data
+    if not data.sources:
+        raise DataError("data.sources is empty: add at least one source (see docs/data.md)")
+    seq_length = recipe.seq_length
+    tok_name = tokenizer_name(recipe)
+    tokenizer = load_tokenizer(tok_name, trust_remote_code=recipe.model.trust_remote_code)
+    sep = separator_id(tokenizer, data.separator) if data.format == "pretrain" else None
+
+    sources, rng = _read(recipe, tokenizer, scratch, progress)
+    reports = [r for *_, r in sources]
+
+    # mixture: global document ids over the concatenated sources, drawn per source, then shuffled
+    values_all, offsets_all, base = [], [], 0
+    order_parts, src_parts = [], []
+    draws = draw_mixture([n[kept] for _, n, kept, _ in sources], [s.weight for s in data.sources], rng)
+    for i, ((tok, n, kept, report), drawn) in enumerate(zip(sources, draws)):
+        picked = kept[drawn]
+        report["drawn"] = {
+            "docs": len(picked),
+            "tokens": int(n[picked].sum()),
+            "passes": round(float(n[picked].sum()) / max(1, report["kept"]["tokens"]), 4),
+        }
+        values, offsets = _lists(tok, "input_ids")
+        offsets_all.append(offsets[:-1] - offsets[0] + sum(len(v) for v in values_all))
+        values_all.append(values[offsets[0] : offsets[-1]].astype(np.int32))
+        order_parts.append(picked + base)
+        src_parts.append(np.full(len(picked), i, dtype=np.int16))
+        base += len(n)
+    values = np.concatenate(values_all)
+    offsets = np.append(np.concatenate(offsets_all), len(values)).astype(np.int64)
+    perm = rng.permutation(sum(len(p) for p in order_parts))
+    order = np.concatenate(order_parts)[perm]
+    src_of = np.concatenate(src_parts)[perm]
+    kept_lengths = np.concatenate([n[kept] for _, n, kept, _ in sources])
+
+    totals: dict = {"seq_length": seq_length}
+    if data.format == "pretrain":
+        input_ids, position_ids, seg, tail = pack(
+            values, offsets, order, seq_length, sep, data.separator == "eos"
+        )
+        rows = len(input_ids)
+        if rows == 0:
+            raise DataError(
+                f"the sources hold {int(seg.sum())} tokens (with separators), less than one row of "
+                f"seq_length={seq_length}; add data or lower data.seq_length"
+            )
+        n_train, n_eval = _split_rows(rows, data)
+        seg_row = np.concatenate([[0], np.cumsum(seg)[:-1]]) // seq_length  # row each document starts in
+        row_src = np.repeat(src_of, seg)[: rows * seq_length].reshape(rows, seq_length)
+        parts = {"train": slice(0, n_train)}
+        if n_eval:
+            parts["eval"] = slice(rows - n_eval, rows)
+        splits = {}
+        for name, sl in parts.items():
+            ids = input_ids[sl]
+            lens = np.full(len(ids), seq_length, dtype=np.int64)
+            splits[name] = _table(
+                {
+                    "input_ids": _list_array(ids.ravel(), lens),
+                    "labels": _list_array(ids.ravel(), lens),
+                    "position_ids": _list_array(position_ids[sl].ravel(), lens),
+                }
+            )
+            for i, report in enumerate(reports):
+                report[f"tokens_{name}"] = int((row_src[sl] == i).sum())
+            totals[f"{name}_tokens"] = int(ids.size)
+            starts = seg_row[(seg_row >= sl.start) & (seg_row < sl.stop)]
+            totals[f"{name}_documents_started"] = len(starts)
+        totals["separator_tokens"] = 0 if sep is None else len(seg)
+        totals["tail_tokens_dropped"] = int(tail)
+        totals["rows_packed"] = rows
+        totals["rows_dropped_by_max_sequences"] = rows - n_eval - n_train
+    else:
+        rows = len(order)
+        n_train, n_eval = _split_rows(rows, data)
+        lab_values = np.concatenate([_flat(tok, "labels") for tok, *_ in sources]).astype(np.int32)
+        parts = {"train": order[:n_train]}
+        srcs = {"train": src_of[:n_train]}
+        if n_eval:
+            parts["eval"], srcs["eval"] = order[rows - n_eval :], src_of[rows - n_eval :]
+        splits = {}
+        for name, docs in parts.items():
+            lens = offsets[docs + 1] - offsets[docs]
+            gather = np.repeat(offsets[docs] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(
+                int(lens.sum())
+            )
+            labels = lab_values[gather]
+            pos = np.arange(int(lens.sum())) - np.repeat(np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+            splits[name] = _table(
+                {
+                    "input_ids": _list_array(values[gather], lens),
+                    "labels": _list_array(labels, lens),
+                    "position_ids": _list_array(pos, lens),
+                }
+            )
+            for i, report in enumerate(reports):
+                report[f"tokens_{name}"] = int(lens[srcs[name] == i].sum())
+            totals[f"{name}_tokens"] = int(lens.sum())
+            totals[f"{name}_label_tokens"] = int((labels != IGNORE).sum())
+        totals["rows_dropped_by_max_sequences"] = rows - n_eval - n_train
+
+    for name, ds in splits.items():
+        if len(ds) == 0:  # _split_rows makes this impossible; kept as the last line of defence
+            raise DataError(f"split '{name}' is empty; refusing to write an empty dataset")
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "format": data.format,
+        "data_hash": data_hash(recipe),
+        "seed": recipe.seed,
+        "seq_length": seq_length,
+        "separator": data.separator if data.format == "pretrain" else None,
+        "tokenizer": {"name": tok_name, "vocab_size": len(tokenizer), "class": type(tokenizer).__name__},
+        "sources": reports,
+        "counts": {name: len(ds) for name, ds in splits.items()},
+        "tokens": totals,
+        "length_histogram": _histogram(kept_lengths),
+        "content_hash": _content_hash(splits),
+    }
+    return splits, manifest
+
+
+def prepare(recipe, force: bool = False) -> Path:
+    """Prepare the recipe's data into `recipe.data_dir` (skipped when already prepared; `force` redoes it)."""
+    import datasets
+
+    out = Path(recipe.data_dir)
+    if not force and is_prepared(recipe):
+        return out
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise DataError(
+            f"{out} exists and is not a prepared dataset; refusing to replace it (set data.output_dir)"
+        )
+    start = time.time()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
+    try:
+        scratch = tmp / "scratch"
+        scratch.mkdir()
+        splits, manifest = build(recipe, scratch)
+        dataset = tmp / "dataset"
+        datasets.DatasetDict(splits).save_to_disk(str(dataset))
+        manifest["seconds"] = round(time.time() - start, 2)
+        (dataset / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():  # swap: move the old one aside, rename the new one in, then delete the old
+            old = out.parent / f".{out.name}.old-{tmp.name}"
+            out.rename(old)
+        dataset.rename(out)
+    except BaseException:
+        if old is not None and not out.exists():
+            old.rename(out)
+            old = None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def summary(path: Path) -> str:
+    m = json.loads((Path(path) / MANIFEST).read_text())
+    lines = [f"{path}: {m['format']}, seq_length {m['seq_length']}, tokenizer {m['tokenizer']['name']}"]
+    for split, rows in m["counts"].items():
+        lines.append(f"  {split}: {rows} rows, {m['tokens'][f'{split}_tokens']} tokens")
+    for s in m["sources"]:
+        skipped = ", ".join(f"{r} {v['docs']}" for r, v in s["skipped"].items()) or "none"
+        lines.append(
+            f"  source {s['type']}:{s['path']}: kept {s['kept']['docs']}/{s['records']} "
+            f"({s['kept']['tokens']} tokens), drawn {s['drawn']['tokens']} tokens, skipped: {skipped}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from finetune.recipe import RecipeError, load_recipe
+
+    p = argparse.ArgumentParser(prog="python -m data_prep.prepare", description=__doc__.splitlines()[0])
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--force", action="store_true", help="prepare again even if the data is up to date")
+    args = p.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        was = not args.force and is_prepared(recipe)
+        path = prepare(recipe, force=args.force)
+    except (DataError, RecipeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if was:
+        print(f"{path}: already prepared (use --force to redo)")
+    print(summary(path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""kv_cache_config.json: built from export.kv_cache, validated against the model at export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.export import export_run, kv_config
+from finetune.export.kv_config import KVConfigError
+from tests.test_export_fixtures import sf_run  # noqa: F401
+
+CAUSAL = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "longtune_attention": {"version": 1, "layers": [{"pattern": "causal"}] * 4}}  # fmt: skip
+SW = {"pattern": "sink_window", "window": 16, "num_sink_tokens": 2}
+HYBRID = {
+    **CAUSAL,
+    "longtune_attention": {"version": 1, "layers": [SW, {"pattern": "causal"}, {"pattern": "causal"}, SW]},
+}
+
+
+def test_schema_and_defaults():
+    cfg = kv_config.build({"method": "h2o"}, CAUSAL)
+    assert cfg["version"] == 1 and cfg["method"] == "h2o"
+    assert cfg["heavy_ratio"] == 0.1 and cfg["recent_ratio"] == 0.1  # reference 10% + 10%
+    assert cfg["heavy"] is None and cfg["num_sink_tokens"] == 4
+    assert cfg["score_normalization"] == "none" and cfg["gqa_reduction"] == "mean"
+    assert cfg["layers"] == "all" and cfg["full_layers"] is None
+    assert cfg["attn_implementation"] == "longtune"
+    assert kv_config.build({"method": "full"}, CAUSAL)["attn_implementation"] is None
+
+
+def test_hybrid_method_takes_the_layout():
+    cfg = kv_config.build({"method": "hybrid"}, HYBRID)
+    assert cfg["full_layers"] == [1, 2] and cfg["layers"] == "sparse"
+    assert cfg["window"] == 16 and cfg["num_sink_tokens"] == 2
+    assert cfg["attn_implementation"] == "longtune"
+    # Even the full cache of a hybrid model needs longtune's attention for its sparse layers.
+    assert kv_config.build({"method": "full"}, HYBRID)["attn_implementation"] == "longtune"
+
+
+@pytest.mark.parametrize(
+    "kv, model, key",
+    [
+        ({"method": "hybrid"}, CAUSAL, "export.kv_cache.method"),
+        ({"method": "sink"}, CAUSAL, "export.kv_cache.window"),
+        ({"method": "h2o", "layers": [0, 9]}, CAUSAL, "export.kv_cache.layers"),
+        ({"method": "h2o", "layers": "sparse"}, CAUSAL, "export.kv_cache.layers"),
+        ({"method": "h2o", "heavy": 64, "heavy_ratio": 0.2}, CAUSAL, "export.kv_cache.heavy"),
+        ({"method": "h2o", "heavy_ratio": 1.5}, CAUSAL, "export.kv_cache.heavy_ratio"),
+        ({"method": "lru"}, CAUSAL, "export.kv_cache.method"),
+        ({"method": "h2o", "budget": 3}, CAUSAL, "export.kv_cache.budget"),
+        ({"method": "hybrid", "window": 99}, HYBRID, "export.kv_cache.window"),
+    ],
+)
+def test_errors_name_the_key(kv, model, key):
+    with pytest.raises(KVConfigError, match=key.replace(".", r"\.")):
+        kv_config.build(kv, model)
+
+
+def test_read_checks_version(tmp_path):
+    assert kv_config.read(tmp_path) is None
+    (tmp_path / kv_config.FILE).write_text(json.dumps({"version": 2, "method": "full"}))
+    with pytest.raises(KVConfigError, match="version"):
+        kv_config.read(tmp_path)
+
+
+def test_export_refuses_invalid_kv_config_before_writing(sf_run, tmp_path):  # noqa: F811
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(sf_run, run)
+    r = yaml.safe_load((run / "recipe.yaml").read_text())
+    r["export"]["kv_cache"] = {"method": "hybrid"}  # an SF-Attn model is not hybrid
+    (run / "recipe.yaml").write_text(yaml.safe_dump(r))
+    with pytest.raises(KVConfigError, match=r"export\.kv_cache\.method: 'hybrid' needs a LongGen hybrid"):
+        export_run(run, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_exported_kv_config_file(sf_run, tmp_path):  # noqa: F811
+    out = export_run(sf_run, tmp_path / "e", dtype="float32")
+    cfg = json.loads((out / "kv_cache_config.json").read_text())
+    assert cfg["version"] == 1 and cfg["method"] == "sink" and cfg["window"] == 8
+    assert cfg["num_layers"] == 2 and cfg["attn_implementation"] == "longtune"
+    from finetune.caches import validate_kv_config
+
+    assert validate_kv_config(cfg, json.loads((out / "config.json").read_text()))["window"] == 8

@@ -1,0 +1,77 @@
+"""finetune.load_model: layout restored without the recipe, KV-cache config used by generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import finetune
+from finetune.export import export_run
+from finetune.export.kv_config import KVConfigError
+from tests.test_export_fixtures import IDS, sf_run  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def export_dir(sf_run, tmp_path_factory):  # noqa: F811
+    return export_run(sf_run, tmp_path_factory.mktemp("ld") / "export", dtype="float32")
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    from finetune import caches
+
+    calls = []
+    real = caches.make_cache
+
+    def make_cache(model, kv):
+        calls.append(kv)
+        return real(model, kv)
+
+    monkeypatch.setattr(caches, "make_cache", make_cache)
+    return calls
+
+
+def test_generate_uses_kv_cache_config_by_default(export_dir, spy):
+    from transformers import GenerationMixin, LlamaForCausalLM
+
+    model = finetune.load_model(export_dir)
+    assert model.longtune_kv_cache["method"] == "sink"
+    out = model.generate(IDS, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, IDS.shape[1] + 3)
+    assert [c["method"] for c in spy] == ["sink"] and spy[0]["window"] == 8
+    # Only this instance was changed; transformers' classes are untouched.
+    assert LlamaForCausalLM.generate is GenerationMixin.generate
+    assert "generate" in vars(model)
+
+
+def test_overrides_win(export_dir, spy):
+    model = finetune.load_model(export_dir)
+    full = model.generate(IDS, max_new_tokens=3, do_sample=False, kv_cache="full")
+    assert spy == []
+    h2o = finetune.load_model(export_dir, kv_cache={"method": "h2o", "heavy": 4, "recent": 4})
+    h2o.generate(IDS, max_new_tokens=3, do_sample=False)
+    assert [c["method"] for c in spy] == ["h2o"] and spy[0]["heavy"] == 4
+    plain = finetune.load_model(export_dir, kv_cache="full")
+    assert plain.longtune_kv_cache is None
+    torch.testing.assert_close(plain.generate(IDS, max_new_tokens=3, do_sample=False), full)
+    with pytest.raises(KVConfigError, match=r"kv_cache\.method"):
+        finetune.load_model(export_dir, kv_cache={"method": "hybrid"})
+
+
+def test_run_final_loads_like_the_export(sf_run, export_dir):  # noqa: F811
+    a = finetune.load_model(sf_run)  # run directory -> final/, merged in memory
+    b = finetune.load_model(export_dir)
+    assert a.config._attn_implementation == b.config._attn_implementation == "longtune"
+    assert a.config.longtune_attention == b.config.longtune_attention
+    assert a.longtune_kv_cache["method"] == b.longtune_kv_cache["method"] == "sink"
+    with torch.no_grad():
+        torch.testing.assert_close(a(input_ids=IDS).logits, b(input_ids=IDS).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_tokenizer_and_dtype(export_dir):
+    tok = finetune.load_tokenizer(export_dir)
+    assert tok.eos_token_id == 257 and tok("hi")["input_ids"][-1] == ord("i")
+    m = finetune.load_model(export_dir, dtype="bfloat16")
+    assert next(m.parameters()).dtype == torch.bfloat16
+    with pytest.raises(FileNotFoundError):
+        finetune.load_model(export_dir / "nope")

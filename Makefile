@@ -14,9 +14,9 @@ NGPUS ?=
 HOSTFILE ?=
 ARGS ?=
 REPO ?=
-PRIVATE ?= 1
+PRIVATE ?=
 
-.PHONY: setup test demo train prepare export eval push bench bench-kv dry-run lint clean
+.PHONY: setup test demo train prepare export eval push bench dry-run lint clean
 
 setup: $(STAMP)
 
@@ -61,7 +61,7 @@ eval: $(STAMP)
 
 push: $(STAMP)
 	@test -n "$(REPO)" || (echo "usage: make push RUN=runs/x REPO=user/name [PRIVATE=1]" >&2; exit 2)
-	$(PY) -m finetune.cli push $(RUN) --repo $(REPO) $(if $(filter 1 true yes,$(PRIVATE)),--private,--public) $(ARGS)
+	$(PY) -m finetune.cli push $(RUN) --repo $(REPO) $(if $(filter 1 true yes,$(PRIVATE)),--private)$(if $(filter 0 false no,$(PRIVATE)),--public) $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m finetune.cli bench attention $(ARGS)

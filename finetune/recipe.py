@@ -54,6 +54,7 @@ class ModelSection(Section):
 class RopeSection(Section):
     """Context extension. `type: none` keeps the model's own RoPE."""
 
+    #: Scaling method (a transformers rope_type), or `theta` to only raise rope_theta.
     type: Literal["none", "linear", "dynamic", "yarn", "llama3", "longrope", "theta"] = "none"
     #: The context length training targets; the model's max_position_embeddings becomes this.
     target_length: int | None = Field(default=None, gt=0)
@@ -285,9 +286,11 @@ class Recipe(Section):
     kind: Literal["finetune", "pretrain"] = "finetune"
     #: Another recipe this one extends (path relative to this file, or to recipes/).
     base: str | None = None
+    #: A label for logs, the model card and the demo summary.
     name: str | None = None
     #: Run directory: checkpoints, logs, resolved recipe, export and eval results.
     run_dir: str = "runs/default"
+    #: Seeds model init (inline configs), data order and dropout.
     seed: int = 42
     model: ModelSection
     rope: RopeSection = Field(default_factory=RopeSection)

@@ -125,13 +125,6 @@ class MaskContext:
         return self.t_q.shape[0]
 
 
-def _doc_ids_from_positions(pos: torch.Tensor) -> torch.Tensor:
-    """A new document starts wherever position_ids do not continue by +1 (HF's packing rule)."""
-    start = torch.ones_like(pos, dtype=torch.bool)
-    start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    return torch.cumsum(start.long(), dim=1) - 1
-
-
 def build_context(
     batch: int,
     q_len: int,
@@ -179,8 +172,13 @@ def build_context(
             starts = cu_seqlens.to(device)[doc]
             p = t - starts
         elif position_ids is not None:
-            p = position_ids
-            doc = _doc_ids_from_positions(position_ids)
+            # A document starts at the first real token and wherever position_ids do not go on
+            # by +1; p counts from that start in real tokens, so a left-padded row with plain
+            # arange position_ids still has its sinks on its first real tokens.
+            start = valid & (t == 0)
+            start[:, 1:] |= valid[:, 1:] & (position_ids[:, 1:] != position_ids[:, :-1] + 1)
+            doc = torch.cumsum(start.long(), dim=1) - 1
+            p = t - torch.cummax(torch.where(start, t, torch.zeros_like(t)), dim=1).values
         else:
             p = t
             doc = torch.zeros_like(t)

@@ -204,3 +204,17 @@ def test_spec_errors_name_the_key():
         resolve_spec({"pattern": "sf_attn", "wrap": "cyclic"})
     with pytest.raises(ValueError, match="num_sink_tokens"):
         resolve_spec({"pattern": "s2_attn", "num_sink_tokens": 4})
+
+
+def test_left_padding_with_plain_arange_position_ids():
+    """HF training passes arange position_ids even for left-padded rows: same mask as padding-aware ids."""
+    am = torch.ones(2, 12, dtype=torch.bool)
+    am[1, :5] = False
+    aware = (torch.cumsum(am.long(), 1) - 1).clamp(min=0)
+    for spec in (SF, {"pattern": "sink_window", "window": 3, "num_sink_tokens": 2},
+                 {"pattern": "block_sparse", "block_size": 2, "local_blocks": 1, "stride": 3}):
+        spec = resolve_spec(spec)
+        plain = dense_mask(spec, build_context(2, 12, 12, "cpu", attention_mask=am,
+                                               position_ids=torch.arange(12).unsqueeze(0)), 4)
+        want = dense_mask(spec, build_context(2, 12, 12, "cpu", attention_mask=am, position_ids=aware), 4)
+        assert torch.equal(plain, want)

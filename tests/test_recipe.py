@@ -99,3 +99,9 @@ def test_cluster_recipes_use_longlora_hyperparameters():
         assert t.warmup_steps == 20 and t.lr_scheduler == "constant_with_warmup" and t.max_steps == 1000
         assert r.deepspeed.num_gpus * t.per_device_batch_size * t.gradient_accumulation_steps == 64
         assert (r.lora.r, r.lora.alpha) == (8, 16) and r.lora.trainable_embeddings and r.lora.trainable_norms
+
+
+def test_recipe_reference_doc_is_current():
+    from finetune.recipe_docs import DOC_PATH, render
+
+    assert DOC_PATH.read_text() == render(), "docs/recipes.md is stale: run python -m finetune.recipe_docs"

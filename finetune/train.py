@@ -185,7 +185,10 @@ def save_final(trainer, model, recipe: Recipe, tokenizer, base_config) -> Path:
     base_ref = recipe.model.name_or_path
     if recipe.lora.mode != "full" and (recipe.kind == "pretrain" or recipe.model.config is not None):
         base_ref = "base"
-        _save_base(trainer, model, tmp / "base", base_config)  # collective under ZeRO-3
+        # The base as it was before this run: no RoPE scaling, no layout (eval's "before").
+        from finetune.model import load_base_config
+
+        _save_base(trainer, model, tmp / "base", load_base_config(recipe))  # collective under ZeRO-3
     trainer.save_model(str(tmp))  # gathers ZeRO-3 partitions (stage3_gather_16bit_weights_on_model_save)
     if not trainer.args.should_save:
         return final

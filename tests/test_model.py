@@ -97,3 +97,37 @@ def test_dry_run_estimate_matches_real_count(tiny_llama_config):
     real_t, real_total = count_parameters(build_model(r))
     assert (est["trainable_params"], est["total_params"]) == (real_t, real_total)
     assert est["per_gpu_gib"]["total"] > 0
+
+
+def test_qlora_quantizes_base_and_trains_lora_plus(tiny_llama_config, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs the quant extra (pip install 'longtune[quant]')")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = dict(tiny_llama_config, hidden_size=64, intermediate_size=128)
+    AutoModelForCausalLM.from_config(LlamaConfig(**cfg)).save_pretrained(tmp_path)
+    r = validate({"model": {"name_or_path": str(tmp_path), "tokenizer": "byte"},
+                  "rope": {"type": "linear", "target_length": 256}, "attention": {"pattern": "sf_attn"},
+                  "lora": {"mode": "qlora"}, "deepspeed": {"config": None},
+                  "training": {"gradient_checkpointing": False}})
+    model = build_model(r)
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith("q_proj.base_layer")}
+    assert kinds == {"Linear4bit"}
+    names = trainable_names(model)
+    assert all("lora_" in n or ".modules_to_save." in n for n in names)
+    x = torch.randint(0, 250, (2, 32))
+    out = model(input_ids=x, labels=x)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_dry_run_cli_prints_estimate(capsys):
+    from finetune.launch import main
+    from finetune.recipe import RECIPES_DIR
+
+    assert main([str(RECIPES_DIR / "tiny.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable parameters:" in out and "memory estimate" in out and "GiB" in out
+    assert "run_dir: runs/tiny" in out

@@ -295,6 +295,10 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
         callbacks=[check],
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
+    # Training ran without a KV cache; whatever loads these weights next generates with one.
+    base_config.use_cache = True
+    unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
+    unwrapped.config.use_cache = True
     final = save_final(trainer, model, recipe, tokenizer, base_config)
     if rank == 0:
         status = {

@@ -163,3 +163,23 @@ def test_base_model_location(tmp_path, tiny_llama_config):
     assert "pretrain" in base_ref(tmp_path, pre)[1]
     hub = validate({"model": {"name_or_path": "org/some-model"}})
     assert base_ref(tmp_path / "elsewhere", hub) == ("org/some-model", None)
+
+
+def test_base_and_compare_models_load_their_own_paths(tmp_path, monkeypatch):
+    """Regression: the base loader once late-bound the loop variable of the compare models."""
+    from finetune.eval import runner
+    from finetune.recipe import validate
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "longtune_model.json").write_text(json.dumps({"base_model": str(tmp_path / "the-base")}))
+    monkeypatch.setattr(runner, "_load_plain", lambda ref: ("plain", ref))
+    monkeypatch.setattr(runner, "_load_any", lambda ref, run_dir: ("any", ref))
+    monkeypatch.setattr(runner, "_load_longtune", lambda ref: ("longtune", ref))
+    monkeypatch.setattr(runner, "tuned_path", lambda run_dir, recipe: run_dir / "export")
+    recipe = validate({"model": {"name_or_path": str(tmp_path / "the-base")},
+                       "eval": {"compare": {"a": "/x/a", "b": "/x/b"}}})
+    specs = runner.model_specs(run, recipe, recipe.eval, [])
+    loaded = {s.name: s.load() for s in specs}
+    assert loaded["base"] == ("plain", str(tmp_path / "the-base"))
+    assert loaded["a"] == ("any", "/x/a") and loaded["b"] == ("any", "/x/b")

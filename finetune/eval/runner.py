@@ -184,7 +184,7 @@ def model_specs(run_dir: Path, recipe, cfg, notes: list[str]) -> list[ModelSpec]
     if cfg.compare_base:
         ref, why = base_ref(run_dir, recipe)
         if ref is not None:
-            specs.append(ModelSpec(BASE, ref, lambda: _load_plain(ref)))
+            specs.append(ModelSpec(BASE, ref, lambda ref=ref: _load_plain(ref)))
         else:
             notes.append(f"base model not compared: {why}")
     for name, ref in cfg.compare.items():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.backends.merge import Part, dense_part, merged_attention
+from kernels.backends import cpu_blocks
 from kernels.masks import TRAINING_ONLY, MaskContext, mask_mod, num_shifted_heads, ratio_fraction
 
 
@@ -160,140 +160,43 @@ def _single_document(ctx: MaskContext, b: int, rows: torch.Tensor) -> bool:
     return bool((d == d[0]).all()) and bool((p == t).all())
 
 
-def _cpu_flash_part(is_causal: bool, mask, scale: float, rep: int) -> Part:
-    """A merge Part on PyTorch's CPU flash kernel, which returns the LSE and whose backward
-    accepts the merged out/LSE (ring-attention identity). No GQA in that op: K/V are repeated
-    for it (and their gradients summed back)."""
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    op_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    expand = (lambda x: x) if rep == 1 else (lambda x: x.repeat_interleave(rep, dim=1))
-
-    # The kernel reports lse 0 (not -inf) for a row with no visible key: fix it, or the merge
-    # would give that empty part weight.
-    empty = None if mask is None else ~torch.isfinite(mask).any(dim=-1)
-
-    def fwd(q, k, v):
-        out, lse = op(q, expand(k), expand(v), 0.0, is_causal, attn_mask=mask, scale=scale)
-        if empty is not None and bool(empty.any()):
-            lse = lse.masked_fill(empty, float("-inf"))
-        return out, lse
-
-    def bwd(dout, q, k, v, out, lse):
-        dq, dk, dv = op_bwd(dout, q, expand(k), expand(v), out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
-        if rep > 1:
-            dk, dv = (d.unflatten(1, (k.shape[1], rep)).sum(2) for d in (dk, dv))
-        return dq, dk, dv
-
-    return Part(fwd, bwd)
-
-
-def _fast_window(qs, ks, vs, n: int, W: int, C: int, m: int, scale: float) -> torch.Tensor:
-    """Mask-light sink_window of one sample with one document, on CPU: (H, n, D).
-
-    Queries in chunks of C. Each chunk attends (A) its own chunk causally, (B) the W-1 keys
-    before it through a fixed band mask,
-    and (C) the sinks that fell out of its window; A, B and C are merged by log-sum-exp.
-    Cost n * (C/2 + W) instead of the dense n * n / 2."""
-    H, D = qs.shape[0], qs.shape[-1]
-    rep = H // ks.shape[0]
-    if W >= n:  # every key is in the window: causal attention
-        return F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True, scale=scale,
-                                              enable_gqa=rep > 1)[0]
-    R = -(-n // C)
-    pad = R * C - n
-    rows = lambda x: (F.pad(x, (0, 0, 0, pad)) if pad else x).view(x.shape[0], R, C, D).transpose(0, 1)
-    qr, kr, vr = rows(qs), rows(ks), rows(vs)
-    out0 = F.scaled_dot_product_attention(qr[:1], kr[:1], vr[:1], is_causal=True, scale=scale, enable_gqa=rep > 1)
-    if R == 1:
-        return out0[0, :, :n]
-    if W == 2 * C:
-        return _aligned_window(qr, kr, vr, ks[:, :m], vs[:, :m], out0, n, C, scale, rep)
-    # (B): the W-1 keys [c*C - W + 1, c*C) before chunk c >= 1 (a copy left-padded by W-1);
-    # key k of that block is visible from query q iff k >= q (C <= W-1 keeps rows non-empty).
-    # Rows whose block is all real keys split it into a C-wide masked triangle and an
-    # unmasked rest (cheaper kernel); the first rows keep one masked block.
-    Wb = W - 1
-    dev = qs.device
-    kb, vb = ((F.pad(x, (0, 0, Wb, 0)).unfold(1, Wb, C)[:, 1:R].permute(1, 0, 3, 2) if Wb else None) for x in (ks, vs))
-    qi = torch.arange(C, device=dev).view(1, 1, C, 1)
-    r0 = min(R, max(1, -(-Wb // C)))
-    outs = [out0]
-    for lo, hi in ((1, r0), (r0, R)):
-        if lo >= hi:
-            continue
-        sl = slice(lo - 1, hi - 1)  # rows of kb/vb
-        c = torch.arange(lo, hi, device=dev).view(-1, 1, 1, 1)
-        parts = [(kr[lo:hi], vr[lo:hi], _cpu_flash_part(True, None, scale, rep))]
-        if Wb and lo == 1:
-            ki = torch.arange(Wb, device=dev).view(1, 1, 1, Wb)
-            ok = (ki >= qi) & (ki >= Wb - c * C)
-            parts.append((kb[sl], vb[sl], _cpu_flash_part(False, _additive(ok, qs.dtype), scale, rep)))
-        elif Wb:
-            ki = torch.arange(min(C, Wb), device=dev).view(1, 1, 1, -1)
-            parts.append((kb[sl, :, :C], vb[sl, :, :C], _cpu_flash_part(False, _additive(ki >= qi, qs.dtype), scale, rep)))
-            if Wb > C:
-                parts.append((kb[sl, :, C:], vb[sl, :, C:], _cpu_flash_part(False, None, scale, rep)))
-        if m:
-            # (C): sinks outside the window: query i = c*C + q sees sink j iff i - j >= W
-            sj = torch.arange(m, device=dev).view(1, 1, 1, m)
-            ks_, vs_ = (x[:, :m].unsqueeze(0).expand(hi - lo, -1, -1, -1) for x in (ks, vs))
-            parts.append((ks_, vs_, dense_part(c * C + qi - sj >= W, scale)))
-        outs.append(merged_attention(qr[lo:hi].contiguous(), parts))
-    out = torch.cat(outs, dim=0)
-    return out.transpose(0, 1).reshape(H, R * C, D)[:, :n]
-
-
-def _aligned_window(qr, kr, vr, sink_k, sink_v, out0, n, C, scale, rep):
-    """W = 2C. Query i = cC + q of chunk c >= 2 sees: its own chunk causally (A); chunk c-1
-    without its first key, unmasked (B); the C keys from (c-2)C + 1 to (c-1)C, of which key k
-    is visible iff k >= q, which is plain causal attention once queries and keys are both
-    reversed (C, reversed inside the Part); and the sinks beyond W. Every block is computed with
-    no mask at all, and nothing is wasted but the reversed copies."""
-    R, H, _, D = qr.shape
-    m = sink_k.shape[1]
-    dev = qr.device
-    causal, full = _cpu_flash_part(True, None, scale, rep), _cpu_flash_part(False, None, scale, rep)
-    outs = [out0, merged_attention(qr[1:2].contiguous(), [(kr[1:2], vr[1:2], causal), (kr[0:1], vr[0:1], full)])]
-    if R > 2:
-        shifted = lambda x: torch.cat([x[:-2, :, 1:], x[1:-1, :, :1]], dim=2)
-        parts = [(kr[2:], vr[2:], causal), (shifted(kr), shifted(vr), _reversed_causal_part(scale, rep))]
-        if C > 1:
-            parts.append((kr[1:-1, :, 1:], vr[1:-1, :, 1:], full))
-        if m:
-            qi = torch.arange(C, device=dev).view(1, 1, C, 1)
-            c = torch.arange(2, R, device=dev).view(-1, 1, 1, 1)
-            sj = torch.arange(m, device=dev).view(1, 1, 1, m)
-            ks_, vs_ = (x.unsqueeze(0).expand(R - 2, -1, -1, -1) for x in (sink_k, sink_v))
-            parts.append((ks_, vs_, dense_part(c * C + qi - sj >= 2 * C, scale)))
-        outs.append(merged_attention(qr[2:].contiguous(), parts))
-    out = torch.cat(outs, dim=0)
-    return out.transpose(0, 1).reshape(H, R * C, D)[:, :n]
-
-
-def _reversed_causal_part(scale: float, rep: int) -> Part:
-    """Key k visible from query q iff k >= q: causal attention on reversed queries and keys."""
-    inner = _cpu_flash_part(True, None, scale, rep)
-    rev = lambda x: x.flip(2)
-
-    def fwd(q, k, v):
-        out, lse = inner.fwd(rev(q), rev(k), rev(v))
-        return rev(out), lse.flip(-1)
-
-    def bwd(dout, q, k, v, out, lse):
-        return tuple(rev(g) for g in inner.bwd(rev(dout), rev(q), rev(k), rev(v), rev(out), lse.flip(-1)))
-
-    return Part(fwd, bwd)
-
-
-def _additive(ok: torch.Tensor, dtype) -> torch.Tensor:
-    return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill(~ok, float("-inf"))
-
-
 def default_chunk(window: int) -> int:
     """Query chunk for sink_window on CPU: window/2, so each chunk sees the previous chunk
     whole and the one before through a fixed triangle (mask-free views, _aligned_window);
     measured best among W/8..W-1 at 16k (docs/benchmarks.md)."""
-    return max(1, window // 2)
+    return max(1, min(256, window // 2))
+
+
+def _contiguous_rows(rows: torch.Tensor) -> bool:
+    return rows.numel() > 0 and int(rows[-1]) - int(rows[0]) + 1 == rows.numel()
+
+
+def _cpu_blocks(spec: dict, ctx: MaskContext, b: int, bb: int, rows: torch.Tensor, H: int, rep: int,
+                chunk: int | None):
+    """The block plan of sample b (blocks addressed as sample bb), or None when the sample
+    needs the masked path (packed documents, padding inside the row, tiny first group)."""
+    if not _contiguous_rows(rows) or not _single_document(ctx, b, rows):
+        return None
+    r0, n = int(rows[0]), rows.numel()
+    sinks = int(spec.get("num_sink_tokens", 0))
+    m = _sink_t(ctx, b, rows, sinks).numel()
+    if spec["pattern"] == "sink_window":
+        W = int(spec["window"])
+        return cpu_blocks.window_blocks(bb, r0, n, W, chunk or default_chunk(W), m, H, rep, rows.device)
+    num, den = ratio_fraction(spec["group_ratio"])
+    G = max(1, n * num // den)
+    split = H - num_shifted_heads(spec, H)
+    blocks = []
+    for h0, h1, shifted in ((0, split, False), (split, H, True)):
+        if h0 == h1:
+            continue
+        off = G // 2 if shifted and G < n else 0
+        g = G if G < n else n
+        part = cpu_blocks.group_blocks(bb, r0, n, g, off, m, h0, h1, rep)
+        if part is None:
+            return None
+        blocks += part
+    return blocks
 
 
 def forward(q, k, v, spec: dict, ctx: MaskContext, scale: float, chunk: int | None = None) -> torch.Tensor:
@@ -302,21 +205,26 @@ def forward(q, k, v, spec: dict, ctx: MaskContext, scale: float, chunk: int | No
     allowed = mask_mod(spec, ctx, H)
     pattern = spec["pattern"]
     sinks = int(spec.get("num_sink_tokens", 0))
+    all_rows = [ctx.valid_q[b].nonzero().squeeze(1) if not ctx.trivial else torch.arange(L, device=q.device)
+                for b in range(B)]
+    cpu = q.device.type == "cpu"
+    if cpu:
+        # One plan for the whole batch when every sample has one (the usual case).
+        plans = [_cpu_blocks(spec, ctx, b, b, all_rows[b], H, rep, chunk) for b in range(B)]
+        if all(p is not None for p in plans):
+            covers = all(r.numel() == L for r in all_rows)
+            return cpu_blocks.run(q, k, v, [blk for p in plans for blk in p], scale, covers)
     outs = []
     for b in range(B):
-        rows = ctx.valid_q[b].nonzero().squeeze(1) if not ctx.trivial else torch.arange(L, device=q.device)
+        rows = all_rows[b]
         n = rows.numel()
+        if cpu and plans[b] is not None:
+            plan = _cpu_blocks(spec, ctx, b, 0, rows, H, rep, chunk)
+            outs.append(cpu_blocks.run(q[b:b + 1], k[b:b + 1], v[b:b + 1], plan, scale, n == L)[0])
+            continue
         sink_t = _sink_t(ctx, b, rows, sinks)
         if pattern == "sink_window":
             W = int(spec["window"])
-            if q.device.type == "cpu" and n > 0 and _single_document(ctx, b, rows):
-                qb, kb, vb = (x[b] if n == L else x[b][:, rows] for x in (q, k, v))
-                C = max(1, min(W - 1, chunk or default_chunk(W)))
-                o = _fast_window(qb, kb, vb, n, W, C, sink_t.numel(), scale)
-                if n != L:
-                    o = q.new_zeros(H, L, D).index_copy(1, rows, o)
-                outs.append(o)
-                continue
             qt, kt, extra = _window_rows(n, W, chunk or default_chunk(W), sink_t, q.device)
             o = _rows_attention(q[b], k[b], v[b], rows, qt, kt, extra, allowed, b, 0, scale)
         else:

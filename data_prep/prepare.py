@@ -48,8 +48,26 @@ def data_hash(recipe) -> str:
         "seq_length": recipe.seq_length,
         "tokenizer": tokenizer_name(recipe),
         "seed": recipe.seed,
+        "files": _local_file_stamps(recipe),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _local_file_stamps(recipe) -> list:
+    """Size and mtime of local source files, so editing a file re-prepares the data."""
+    stamps = []
+    for src in recipe.data.sources:
+        if src.type in ("hub", "corpus"):
+            continue
+        p = Path(src.path)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            stamps.append([str(f), st.st_size, st.st_mtime_ns])
+    return stamps
 
 
 def is_prepared(recipe) -> bool:

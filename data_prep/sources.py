@@ -59,7 +59,10 @@ def load_text(src) -> Iterator[Record]:
 def load_jsonl(src) -> Iterator[Record]:
     """JSON Lines file(s) (`*.jsonl`, `*.json` under a folder); blank lines are ignored."""
     for f in _files(Path(src.path), (".jsonl", ".json")):
-        for lineno, line in enumerate(read_utf8(f).splitlines(), start=1):
+        # split on "\n" only: str.splitlines also breaks at U+2028/U+2029/U+0085, which JSON
+        # allows unescaped inside strings (a valid record would be cut in two)
+        for lineno, line in enumerate(read_utf8(f).split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             where = f"{f}:{lineno}"

@@ -81,9 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         if not (REPO / r.run_dir / "final").is_dir():
             times[f"train {name}"] = _run(f"train {name}", _longtune("train", str(path)))
         times[f"export {name}"] = _run(f"export {name}", _longtune("export", r.run_dir, "--force"))
+    # One comparison table: the SF-Attn run against base, interpolation-only and the hybrid;
+    # the hybrid run's own eval (for its model card) measures only itself.
     compare = [f"eval.compare.interpolation-only={pi_dir}"]
-    for r, _ in runs:
-        times[f"eval {r.name}"] = _run(f"eval {r.name}", _longtune("eval", r.run_dir, *compare))
+    if not a.skip_hybrid:
+        compare.append(f"eval.compare.longgen-hybrid={REPO / hyb.run_dir / 'export'}")
+    times[f"eval {ext.name}"] = _run(f"eval {ext.name}", _longtune("eval", ext.run_dir, *compare))
+    if not a.skip_hybrid:
+        times[f"eval {hyb.name}"] = _run(f"eval {hyb.name}", _longtune("eval", hyb.run_dir, "--no-base"))
     total = time.time() - t_all
     summary = write_summary(runs, times, total)
     print("\n" + summary)

@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.dry_run:
             dry_run(recipe, a.ngpus)
             return 0
-        from finetune.train import check_run_dir, write_resolved
         from data_prep.prepare import is_prepared, prepare
+        from finetune.train import check_run_dir, write_resolved
 
         check_run_dir(recipe, overwrite=overwrite)
         resolved = write_resolved(recipe)

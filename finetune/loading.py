@@ -46,7 +46,13 @@ def _resolve(path: Path) -> Path:
     if not path.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/")):
         from huggingface_hub import snapshot_download  # a Hub repo id: a pushed export
 
-        path = Path(snapshot_download(repo_id=str(path)))
+        try:
+            path = Path(snapshot_download(repo_id=str(path)))
+        except Exception as e:  # offline, no such repo, no access
+            raise FileNotFoundError(
+                f"{path}: no such local directory, and not a Hub model that could be fetched "
+                f"({type(e).__name__}: {e})"
+            ) from e
     if (path / "config.json").is_file() or (path / "longtune_model.json").is_file():
         return path
     for sub in ("export", "final"):
@@ -178,7 +184,7 @@ def _load_final(final: Path, dtype):
         from kernels.layout import inference_layout
 
         model.config.longtune_attention = inference_layout(run.train_layout)
-    if dtype is not None:
+    if _dtype(dtype) != "auto":  # "auto" / None: keep the merged float32 weights
         model.to(_dtype(dtype))
     kv = None
     recipe_file = final.parent / "recipe.yaml"

@@ -46,6 +46,13 @@ def _context(name):
         am[0, 17:] = False
         am[1, :6] = False
         return 2, 21, {"attention_mask": am}
+    if name == "long":  # long enough that SF's first (shifted) group holds the 4 sinks
+        return 1, 45, {}
+    if name == "long_pad":  # same, padded on either side
+        am = torch.ones(2, 50, dtype=torch.bool)
+        am[0, 41:] = False
+        am[1, :7] = False
+        return 2, 50, {"attention_mask": am}
     if name == "packed":
         pos = torch.stack([torch.cat([torch.arange(9), torch.arange(15)]),
                            torch.cat([torch.arange(5), torch.arange(11), torch.arange(8)])])
@@ -137,11 +144,12 @@ def test_roll_mode_backends_agree_with_dense():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
 
 
+@pytest.mark.parametrize("spec_name", ["sf4", "win4"])
 @pytest.mark.parametrize("backend", ["sdpa_groups", "sdpa"])
-def test_float32_error_within_reference_error(backend):
+def test_float32_error_within_reference_error(backend, spec_name):
     """conventions.md: candidate (fp32) vs float64 reference within a few times the reference's own fp32 error."""
     B, L, kw = _context("pad")
-    spec = resolve_spec(SPECS["sf4"])
+    spec = resolve_spec(SPECS[spec_name])
     ctx = build_context(B, L, L, "cpu", **kw)
     q, k, v = (t.detach() for t in _inputs(B, L, 2))
     ref64 = run_backend("dense", q, k, v, spec, ctx, SCALE)
@@ -232,6 +240,28 @@ def test_sink_window_chunking_matches_dense(window, chunk, ctx_name, hkv, sinks)
     for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec_name", ["s2", "sf4", "sf4_q", "win0", "win4", "win1"])
+@pytest.mark.parametrize("ctx_name,hkv", [("div", 4), ("odd", 2), ("long", 2), ("long_pad", 1), ("long_pad", 4)])
+def test_cpu_block_plan_runs_and_splits_calls(monkeypatch, spec_name, ctx_name, hkv):
+    """One-document rows (padded or not) take the CPU block plan (strided views, one autograd
+    Function), not the masked fallback; window chunks split over several kernel calls still
+    match dense (ROWS_PER_CALL shrunk so these short rows split too)."""
+    from kernels.backends import cpu_blocks, sdpa_groups
+
+    runs = []
+    real_run = cpu_blocks.run
+    monkeypatch.setattr(cpu_blocks, "run", lambda *a, **k: runs.append(1) or real_run(*a, **k))
+    monkeypatch.setattr(sdpa_groups, "_rows_attention", None)  # the masked path must not run
+    monkeypatch.setattr(cpu_blocks, "ROWS_PER_CALL", 2)
+    if spec_name.startswith("sf") and not ctx_name.startswith("long"):
+        pytest.skip("a shifted first group shorter than the sinks takes the masked path")
+    out, ref, g, rg = _run("sdpa_groups", SPECS[spec_name], ctx_name, hkv)
+    assert runs == [1]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for a, b in zip(g, rg):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
 
 
 def test_lse_merge_in_bf16_keeps_dtypes_and_accuracy():

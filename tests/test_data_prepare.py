@@ -472,3 +472,18 @@ def test_num_proc_gives_the_same_result(tmp_path, monkeypatch):
     bad = jsonl(tmp_path / "s.jsonl", [{"messages": [{"role": "assistant", "content": "x"}]}] * 3)
     r = recipe(tmp_path / "s", [{"type": "jsonl", "path": bad}], format="sft", num_proc=2)
     expect_error(r, f"{bad}:1", "no chat template", "and 2 more")  # errors come back from the workers
+
+
+def test_editing_a_source_file_invalidates_the_prepared_data(tmp_path, tiny_llama_config):
+    from finetune.recipe import validate
+    from data_prep.prepare import is_prepared, prepare
+
+    src = tmp_path / "corpus.txt"
+    src.write_text("to be or not to be, that is the question. " * 40)
+    r = validate({"model": {"config": tiny_llama_config, "tokenizer": "byte"},
+                  "data": {"sources": [{"type": "text", "path": str(src)}], "seq_length": 64,
+                           "output_dir": str(tmp_path / "data")}})
+    prepare(r)
+    assert is_prepared(r)
+    src.write_text("all that glitters is not gold. " * 60)
+    assert not is_prepared(r)

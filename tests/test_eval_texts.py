@@ -64,3 +64,51 @@ def test_explicit_source_wins(tmp_path):
     r = _recipe(tmp_path, perplexity_source={"type": "text", "path": str(tmp_path / "missing.txt")})
     t = eval_text(tmp_path, r)
     assert t.documents == [] and "could not read" in t.note
+
+
+def _prepared(tmp_path, weights):
+    """Really prepare two sources with the given mixture weights; eval_fraction 0.2."""
+    import re
+
+    import datasets
+
+    from data_prep.prepare import prepare
+
+    srcs = []
+    for name, count in (("a", 6), ("b", 40)):
+        f = tmp_path / f"{name}.jsonl"
+        f.write_text(
+            "".join(json.dumps({"text": f"doc-{name}{i:03d} " + name * 30}) + "\n" for i in range(count))
+        )
+        srcs.append({"type": "jsonl", "path": str(f), "weight": weights[name]})
+    r = validate(
+        {
+            "model": {"config": TINY, "tokenizer": "byte"},
+            "run_dir": str(tmp_path),
+            "data": {"sources": srcs, "seq_length": 48, "eval_fraction": 0.2},
+        }
+    )
+    out = prepare(r)
+    dd = datasets.load_from_disk(str(out))
+
+    def docs(split):  # independent of the manifest: the document names the rows hold
+        text = bytes(t for row in dd[split]["input_ids"] for t in row if t < 256).decode()
+        return set(re.findall(r"doc-[ab]\d{3}", text))
+
+    return r, docs("train"), docs("eval")
+
+
+def test_eval_split_with_repeated_documents_is_not_called_held_out(tmp_path):
+    r, train, ev = _prepared(tmp_path, {"a": 5.0, "b": 1.0})  # source a drawn several times over
+    assert ev & train  # documents really sit on both sides
+    t = eval_text(tmp_path, r)
+    assert t.held_out is False and "more than once" in t.note and "a.jsonl" in t.note
+
+
+def test_eval_split_without_repeats_stays_held_out(tmp_path):
+    r, train, ev = _prepared(tmp_path, {"a": 6.0, "b": 40.0})  # weights = size shares: each doc once
+    man = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert all(s["drawn"]["passes"] <= 1 for s in man["sources"])
+    assert len(ev & train) <= 1  # at most the document cut by the train/eval row boundary
+    t = eval_text(tmp_path, r)
+    assert t.held_out is True and "eval split" in t.description

@@ -139,3 +139,21 @@ def test_push_refuses_bad_input(exp, tmp_path, capsys):
     (d / "README.md").unlink()
     assert push_mod.main([str(d), "--repo", "me/x", "--dry-run"]) == 2
     assert "README.md" in capsys.readouterr().err
+
+
+def test_push_run_dir_finds_the_recipes_export_output_dir(exp, sf_run, tmp_path, capsys):  # noqa: F811
+    # `longtune export RUN` writes to the recipe's export.output_dir: `longtune push RUN` must find it there
+    run = tmp_path / "run"
+    run.mkdir()
+    raw = yaml.safe_load((sf_run / "recipe.yaml").read_text())
+    raw.setdefault("export", {})["output_dir"] = str(exp)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    assert push_mod.resolve_export_dir(run) == exp
+    assert push_mod.main([str(run), "--repo", "me/x", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert str(exp) in out and "kv_cache_config.json" in out
+    (run / "recipe.yaml").write_text(
+        yaml.safe_dump({**raw, "export": {**raw["export"], "output_dir": str(tmp_path / "none")}})
+    )
+    with pytest.raises(push_mod.PushError, match="longtune export"):
+        push_mod.resolve_export_dir(run)

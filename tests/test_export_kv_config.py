@@ -65,6 +65,16 @@ def test_read_checks_version(tmp_path):
         kv_config.read(tmp_path)
 
 
+@pytest.mark.parametrize("text,msg", [("[1, 2]", "expected a JSON object, got list"),
+                                      ('"full"', "expected a JSON object, got str"),
+                                      ('{"version": 1,\n  "method": }', ":2: invalid JSON")])  # fmt: skip
+def test_read_names_the_file_for_malformed_json(tmp_path, text, msg):
+    (tmp_path / kv_config.FILE).write_text(text)
+    with pytest.raises(KVConfigError) as e:
+        kv_config.read(tmp_path)
+    assert str(tmp_path / kv_config.FILE) in str(e.value) and msg in str(e.value)
+
+
 def test_export_refuses_invalid_kv_config_before_writing(sf_run, tmp_path):  # noqa: F811
     import shutil
 

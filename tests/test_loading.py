@@ -75,3 +75,27 @@ def test_tokenizer_and_dtype(export_dir):
     assert next(m.parameters()).dtype == torch.bfloat16
     with pytest.raises(FileNotFoundError):
         finetune.load_model(export_dir / "nope")
+
+
+def test_run_final_accepts_every_documented_dtype(sf_run):  # noqa: F811
+    # load_model documents dtype "auto" (the default) for every kind of path, final/ included
+    assert next(finetune.load_model(sf_run, dtype="auto").parameters()).dtype == torch.float32
+    assert next(finetune.load_model(sf_run, dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        finetune.load_model(sf_run, dtype="int8")
+
+
+def test_missing_relative_path_is_a_clear_error(tmp_path, monkeypatch):
+    # "runs/typo" looks like a Hub id too: offline, the error must still name the path
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("outgoing traffic has been disabled")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(
+        FileNotFoundError, match=r"runs/typo: no such local directory.*LocalEntryNotFoundError"
+    ):
+        finetune.load_model("runs/typo")

@@ -2,7 +2,7 @@
 
     from finetune.caches import make_cache
     cache = make_cache(model, {"version": 1, "method": "hybrid"})
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(input_ids, cache=cache, max_new_tokens=64)
     cache.nbytes()  # K/V bytes actually held
 
 See docs/kv_caches.md.
@@ -166,7 +166,7 @@ def _ensure_longtune_attention(model, need_layout: bool) -> None:
 
 
 def make_cache(model, kv_config: dict | KVCacheSection | None = None) -> Cache:
-    """The cache named by a KV-cache config, for `model.generate(past_key_values=cache)`.
+    """The cache named by a KV-cache config, for `model.generate(cache=cache)`.
 
     method full -> transformers DynamicCache; sink -> SinkWindowCache; h2o -> H2OCache;
     hybrid -> HybridCache (needs the model's LongGen layout). For sink/h2o/hybrid, and for any

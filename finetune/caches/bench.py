@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import platform
 import re
+import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -108,7 +109,14 @@ def write_section(path: Path, body: str) -> None:
     path.write_text(text)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> int:
+    """`longtune bench kv` / `python -m finetune.caches.bench`: exit status 0 (rows: `run`)."""
+    run(argv)
+    return 0
+
+
+def run(argv: list[str] | None = None) -> list[dict]:
+    """Measure, print the table, write docs/benchmarks.md (unless --no-write); the rows."""
     p = argparse.ArgumentParser(prog="longtune bench kv", description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--layers", type=int, default=12)
@@ -215,4 +223,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,7 +4,8 @@ Order of preference:
 1. ``eval.perplexity_source`` (a data source like any other; overlap with training unchecked);
 2. the prepared dataset's ``eval`` split (``data.eval_fraction`` > 0, ``<data_dir>/manifest.json``
    counts it): packed rows that training never saw, decoded back to text with the dataset's
-   tokenizer (document separators become blank lines);
+   tokenizer (document separators become blank lines); not called held out when the mixture
+   repeated a source (manifest ``drawn.passes`` > 1: copies of a document on both sides);
 3. the recipe's first data source (e.g. corpus ``shakespeare``): ``longtune prepare`` records
    per-source counts but not which documents went into training rows, so this text may have
    been trained on, and summary.md says so;
@@ -74,6 +75,17 @@ def _manifest(d: Path) -> dict | None:
         return None
 
 
+def repeated_sources(manifest: dict) -> list[str]:
+    """Sources the mixture drew more than once (manifest `drawn.passes` > 1): the same document
+    can then sit in a train row and in an eval row, so the eval split is not held out."""
+    out = []
+    for s in manifest.get("sources") or []:
+        passes = (s.get("drawn") or {}).get("passes") or 0
+        if passes > 1:
+            out.append(f"{s.get('type')}:{s.get('path')}")
+    return out
+
+
 def held_out_split(d: Path, manifest: dict, max_tokens: int | None = None) -> list[str]:
     """The prepared ``eval`` split decoded to text (one string: the rows are contiguous)."""
     import datasets
@@ -118,6 +130,17 @@ def eval_text(run_dir: Path, recipe, max_tokens: int | None = None) -> EvalText 
         try:
             docs = held_out_split(d, man, max_tokens)
             n = man["counts"]["eval"]
+            repeated = repeated_sources(man)
+            if repeated:
+                return EvalText(
+                    docs,
+                    f"eval split of the prepared data ({d}, {n} rows of {man.get('seq_length')} tokens)",
+                    False,
+                    f"rows of the prepared dataset's eval split, but the mixture drew source(s) "
+                    f"{', '.join(repeated)} more than once (data.sources[].weight above their share), "
+                    "so documents of these rows may also be in training rows and perplexity may be "
+                    "optimistic. Set eval.perplexity_source for held-out text.",
+                )
             return EvalText(
                 docs,
                 f"held-out eval split of the prepared data ({d}, {n} rows of {man.get('seq_length')} tokens)",

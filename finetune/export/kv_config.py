@@ -183,6 +183,8 @@ def read(model_dir: str | Path) -> dict[str, Any] | None:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise KVConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise KVConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("version") != VERSION:
         raise KVConfigError(f"{path}: version {cfg.get('version')!r} is not supported (expected {VERSION})")
     return cfg

@@ -21,14 +21,21 @@ class PushError(RuntimeError):
 
 
 def resolve_export_dir(path: str | Path) -> Path:
-    """An export directory, or a run directory (-> its `export/`)."""
+    """An export directory, or a run directory (-> its recipe's `export.output_dir`, else `export/`)."""
     p = Path(path)
     if (p / "config.json").is_file():
         return p
-    if (p / "export" / "config.json").is_file():
-        return p / "export"
+    cands = [p / "export"]
+    if (p / "recipe.yaml").is_file():  # `longtune export` writes to the recipe's export.output_dir
+        from finetune.recipe import load_recipe
+
+        cands.insert(0, load_recipe(p / "recipe.yaml").export_dir)
+    for c in dict.fromkeys(cands):
+        if (c / "config.json").is_file():
+            return c
+    looked = " or ".join(str(c) for c in dict.fromkeys(cands))
     raise PushError(
-        f"{p} holds no export (no config.json in it or in {p / 'export'}); run `longtune export {p}` first"
+        f"{p} holds no export (no config.json in it or in {looked}); run `longtune export {p}` first"
     )
 
 

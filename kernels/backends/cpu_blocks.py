@@ -1,22 +1,29 @@
 """Block plans on PyTorch's CPU flash-attention kernel, with one hand-written backward.
 
 The fast CPU paths of ``sdpa_groups`` (S2/SF-Attn groups, sink_window chunks) are lists of
-*query blocks*: strided views of the queries, each attending one or more *key parts* (strided
-views of the keys, disjoint per query) merged by log-sum-exp. Every view is an ``as_strided``
-view of the caller's q/k/v (no gather, no concatenation), and one autograd Function runs the
-whole plan: the forward writes each block's merged output straight into one output buffer,
-the backward calls the kernel's backward per part with the *merged* output and LSE (the
-ring-attention identity, as in backends/merge.py) and adds the gradients straight into
-dq/dk/dv buffers. Autograd through slices, cats and flips of the previous version allocated a
-zero-filled full-size gradient per slice: that, not the attention, was 40% of the time.
+*blocks*: a strided view of the queries attending a strided view of the keys, in one call of
+PyTorch's CPU flash kernel (``is_causal`` for groups, a cached band mask for window chunks).
+Sink tokens are not part of any block: one explicit, per-sample part (q x m keys, a few bmm
+calls) merged into the blocks' output by log-sum-exp. Every view is an ``as_strided`` view of
+the caller's q/k/v (no gather, no concatenation), and one autograd Function runs the plan:
 
-Key-part kinds (key index a, query index i, both local to the part's views):
-- ``causal``: a <= i (top-left aligned: the kernel's ``is_causal`` fast path, no mask);
-- ``full``: every key;
-- ``rev``: a >= i, Lq == Lk: causal attention on reversed queries and keys (copies);
-- ``sinks``: a few keys computed with explicit logits, an optional boolean mask.
-PyTorch's CPU flash kernel has no GQA: a query block spans the query heads of one KV head and
-its key views repeat that head with stride 0 (no copy).
+- forward: each block writes its output and LSE straight into one output buffer and one LSE
+  buffer; the sink part then rescales the output in place and adds its own share;
+- backward: each block calls the kernel's backward with the *merged* output and LSE (the
+  ring-attention identity, as in backends/merge.py), the sink part is differentiated by hand,
+  and every gradient is added straight into dq/dk/dv buffers.
+
+Autograd through slices and cats (the previous version) allocated a zero-filled full-size
+gradient per slice: that, not the attention, was about 40% of the time. On a busy machine
+every parallel op also pays for thread wake-ups, so the plan keeps the op count small: few
+blocks, one sink merge per sample.
+
+Cost model of the CPU kernel (torch 2.x): queries in blocks of 256 rows (64 below 768, 32
+below 192), keys in blocks of 512 columns; ``is_causal`` skips key blocks entirely above the
+diagonal only, so causal attention over <= 512 keys costs as much as full attention. A mask
+is applied, never used to skip work.
+PyTorch's CPU flash kernel has no GQA: a block spans the query heads of one KV head and its
+key views repeat that head with stride 0 (no copy).
 """
 
 from __future__ import annotations
@@ -27,17 +34,17 @@ import torch
 
 _OP = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _OP_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-#: How sink_window's triangle part runs: "rev" (reversed copies, causal kernel) or "upper" (masked).
-TRIANGLE = "rev"
-WINDOW = "band"
-ROWS_PER_CALL = 2048
+
+#: sink_window: query rows per kernel call (summed over the chunks of one call); bounds the
+#: per-call key-gradient buffers, which hold every chunk's (W + C - 1) keys.
+ROWS_PER_CALL = 4096
 
 
 @dataclass(frozen=True)
 class Ref:
     """Rows of a (B, H, L, D) tensor as a (count, heads, length, D) strided view: row r holds
     tokens [start + r * step, + length) of heads [h, h + heads) of sample b (``bcast``: head h
-    repeated ``heads`` times, stride 0). Rows may overlap (step < length) or repeat (step 0)."""
+    repeated ``heads`` times, stride 0). Rows may overlap (step < length)."""
 
     b: int
     h: int
@@ -49,22 +56,19 @@ class Ref:
     bcast: bool = False
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
-        sB, sH, sL, sD = x.stride()
-        return x.as_strided(
-            (self.count, self.heads, self.length, x.shape[-1]),
-            (self.step * sL, 0 if self.bcast else sH, sL, sD),
-            x.storage_offset() + self.b * sB + self.h * sH + self.start * sL,
-        )
+        """The view of x (B, H, L, D), or of an LSE buffer (B, H, L)."""
+        st = x.stride()
+        size = (self.count, self.heads, self.length) + tuple(x.shape[3:])
+        stride = (self.step * st[2], 0 if self.bcast else st[1], st[2]) + tuple(st[3:])
+        return x.as_strided(size, stride, x.storage_offset() + self.b * st[0] + self.h * st[1] + self.start * st[2])
 
     def accumulate(self, buf: torch.Tensor, g: torch.Tensor) -> None:
-        """buf[view] += g, summing over repeated heads/rows and splitting overlapping rows."""
+        """buf[view] += g, summing over repeated heads and splitting overlapping rows into
+        non-overlapping sets (an in-place add cannot write overlapping memory)."""
         ref = self
         if ref.bcast:
             g = g.sum(1, keepdim=True)
             ref = replace(ref, heads=1, bcast=False)
-        if g.shape[0] != ref.count or (ref.count > 1 and ref.step == 0):  # rows broadcast (sinks)
-            g = g.sum(0, keepdim=True)
-            ref = replace(ref, count=1)
         if ref.count > 1 and ref.step < ref.length:
             k = -(-ref.length // ref.step)
             for j in range(min(k, ref.count)):
@@ -75,82 +79,35 @@ class Ref:
 
 
 @dataclass
-class KeyPart:
-    kind: str  # causal | full | rev | sinks
+class Block:
+    """Queries ``q`` attend keys ``k`` in one kernel call: kind ``causal`` (key a <= query i,
+    top-left), ``full`` or ``band`` (keys [s - W + 1, s + c) of queries [s, s + c): a visible
+    from i iff i <= a <= i + W - 1, W = len(k) - len(q) + 1)."""
+
+    q: Ref
     k: Ref
-    mask: torch.Tensor | None = None  # sinks: bool, broadcastable to (count, heads, Lq, m)
+    kind: str
 
 
 @dataclass
-class QueryBlock:
-    q: Ref
-    parts: list[KeyPart]
+class Sinks:
+    """The m sink tokens [r0, r0 + m) of sample b, attended by its tokens [r0, r0 + n) except
+    where ``hidden`` (bool, broadcastable to (H, n, m)) says so: a pair a block already holds,
+    or a sink in the future."""
 
-
-def _flip(x: torch.Tensor) -> torch.Tensor:
-    return x.flip(2)
-
-
-def _part_forward(part: KeyPart, q, k, v, scale):
-    if part.kind in ("causal", "full"):
-        return _OP(q, k, v, 0.0, part.kind == "causal", scale=scale)
-    if part.kind == "upper":
-        return _OP(q, k, v, 0.0, False, attn_mask=_upper_mask(q.shape[2], q.dtype), scale=scale)
-    if part.kind == "band":
-        return _OP(q, k, v, 0.0, False, attn_mask=_band_mask(q.shape[2], k.shape[2], q.dtype), scale=scale)
-    if part.kind == "rev":
-        o, lse = _OP(_flip(q), _flip(k), _flip(v), 0.0, True, scale=scale)
-        return _flip(o), lse.flip(-1)
-    if part.kind == "sinks":
-        s = _sink_logits(part, q, k, scale)
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - _finite(lse).unsqueeze(-1))
-        return _unflat(torch.bmm(p.to(v.dtype), _heads(v)), q.shape), _unflat(lse, q.shape[:3])
-    raise ValueError(f"key part kind: unknown {part.kind!r}")
-
-
-def _part_backward(part: KeyPart, dout, q, k, v, out, lse, delta, scale):
-    if part.kind in ("causal", "full"):
-        return _OP_BWD(dout, q, k, v, out, lse, 0.0, part.kind == "causal", scale=scale)
-    if part.kind == "band":
-        return _OP_BWD(dout, q, k, v, out, lse, 0.0, False, attn_mask=_band_mask(q.shape[2], k.shape[2], q.dtype),
-                       scale=scale)
-    if part.kind == "upper":
-        return _OP_BWD(dout, q, k, v, out, lse, 0.0, False, attn_mask=_upper_mask(q.shape[2], q.dtype), scale=scale)
-    if part.kind == "rev":
-        g = _OP_BWD(_flip(dout), _flip(q), _flip(k), _flip(v), _flip(out), lse.flip(-1), 0.0, True, scale=scale)
-        return tuple(_flip(x) for x in g)
-    if part.kind == "sinks":
-        # Flat per-head layout (heads, rows * Lq, .): skinny bmm calls on dense operands.
-        s = _sink_logits(part, q, k, scale)
-        p = torch.exp(s - _finite(_flat(lse)).unsqueeze(-1)).to(q.dtype)  # share of the merged softmax
-        do, kh, vh = _flat(dout), _heads(k), _heads(v)
-        ds = p * (torch.bmm(do, vh.transpose(1, 2)) - _flat(delta).unsqueeze(-1)) * scale
-        dq = _unflat(torch.bmm(ds, kh), q.shape)
-        dk = torch.bmm(ds.transpose(1, 2), _flat(q)).unsqueeze(0)
-        dv = torch.bmm(p.transpose(1, 2), do).unsqueeze(0)
-        return dq, dk, dv
-    raise ValueError(f"key part kind: unknown {part.kind!r}")
+    b: int
+    r0: int
+    n: int
+    m: int
+    hidden: torch.Tensor
 
 
 _MASKS: dict = {}
 
 
-def _upper_mask(n: int, dtype) -> torch.Tensor:
-    """Additive (n, n) mask, key a visible from query i iff a >= i; cached per size and dtype."""
-    key = (n, dtype)
-    if key not in _MASKS:
-        if len(_MASKS) > 16:
-            _MASKS.clear()
-        i = torch.arange(n)
-        _MASKS[key] = torch.zeros(n, n, dtype=dtype).masked_fill(i[None, :] < i[:, None], float("-inf"))
-    return _MASKS[key]
-
-
 def _band_mask(c: int, lk: int, dtype) -> torch.Tensor:
-    """Additive (c, lk) mask of a window band: keys [s - W + 1, s + c) for queries [s, s + c),
-    W = lk - c + 1; key a visible from query i iff i <= a <= i + W - 1. Cached."""
-    key = ("band", c, lk, dtype)
+    """Additive (c, lk) band mask (see Block); cached per shape and dtype."""
+    key = (c, lk, dtype)
     if key not in _MASKS:
         if len(_MASKS) > 16:
             _MASKS.clear()
@@ -159,92 +116,90 @@ def _band_mask(c: int, lk: int, dtype) -> torch.Tensor:
     return _MASKS[key]
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """(count, heads, Lq, ...) -> (heads, count * Lq, ...), dense (a view when rows are adjacent)."""
-    x = x.transpose(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+def _kernel_args(blk: Block, dtype):
+    """(is_causal, attn_mask) of a block's kernel call."""
+    if blk.kind == "band":
+        return False, _band_mask(blk.q.length, blk.k.length, dtype)
+    if blk.kind in ("causal", "full"):
+        return blk.kind == "causal", None
+    raise ValueError(f"block kind: unknown {blk.kind!r}")
+
+
+def _sink_kv(x: torch.Tensor, sk: Sinks, rep: int) -> torch.Tensor:
+    """(H, m, D) sink keys/values of sample b, one row per query head."""
+    x = x[sk.b, :, sk.r0:sk.r0 + sk.m]
+    return x.repeat_interleave(rep, dim=0) if rep > 1 else x.contiguous()
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
     return x if 0 not in x.stride() else x.contiguous()
-
-
-def _unflat(x: torch.Tensor, shape) -> torch.Tensor:
-    """Inverse of _flat: (heads, count * Lq, ...) -> (count, heads, Lq, ...)."""
-    return x.view(shape[1], shape[0], *shape[2:]).transpose(0, 1)
-
-
-def _heads(k: torch.Tensor) -> torch.Tensor:
-    """Sink keys (1, heads, m, D) -> (heads, m, D), dense."""
-    return k[0].contiguous()
-
-
-def _sink_logits(part: KeyPart, q, k, scale):
-    """(heads, count * Lq, m) logits of the sink keys, masked."""
-    s = torch.bmm(_flat(q), _heads(k).transpose(1, 2)).mul_(scale)
-    if s.dtype in (torch.float16, torch.bfloat16):
-        s = s.float()
-    if part.mask is not None:
-        s = s.masked_fill(~_flat(part.mask.expand(-1, 1, -1, -1)), float("-inf"))
-    return s
-
-
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
 
 class _Plan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, blocks, scale, covers_all):
+    def forward(ctx, q, k, v, blocks, sinks, scale, covers_all):
         B, H, L, D = q.shape
+        rep = H // k.shape[1]
         # (B, L, H, D) storage: the caller's transpose(1, 2).contiguous() is then free.
         out = (torch.empty if covers_all else torch.zeros)(B, L, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-        lses = []
+        lse = torch.zeros(B, H, L, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                          device=q.device)
         for blk in blocks:
-            qv, target = blk.q.view(q), blk.q.view(out)
-            if len(blk.parts) == 1:
-                part = blk.parts[0]
-                o, lse = _part_forward(part, qv, part.k.view(k), part.k.view(v), scale)
-                target.copy_(o)
-                lses.append(lse)
-                continue
-            res = [_part_forward(p, qv, p.k.view(k), p.k.view(v), scale) for p in blk.parts]
-            lse = torch.logsumexp(torch.stack([l.to(res[0][1].dtype) for _, l in res]), dim=0)
-            safe = _finite(lse)
-            for i, (o, l) in enumerate(res):
-                w = torch.exp(l - safe).unsqueeze(-1).to(o.dtype)
-                if i == 0:
-                    torch.mul(o, w, out=target)
-                else:
-                    target.addcmul_(o, w)
-            lses.append(lse)
-        ctx.blocks, ctx.scale, ctx.lses, ctx.covers_all = blocks, scale, lses, covers_all
-        ctx.save_for_backward(q, k, v, out)
+            causal, mask = _kernel_args(blk, q.dtype)
+            o, l = _OP(blk.q.view(q), blk.k.view(k), blk.k.view(v), 0.0, causal, attn_mask=mask, scale=scale)
+            blk.q.view(out).copy_(o)
+            blk.q.view(lse).copy_(l)
+        probs = []
+        for sk in sinks:
+            # Merge the sinks into the blocks' result by log-sum-exp (every block row sees >= 1
+            # key, so the blocks' LSE is finite).
+            qf, of, lf = (x[sk.b, :, sk.r0:sk.r0 + sk.n] for x in (q, out, lse))
+            s = torch.bmm(qf, _sink_kv(k, sk, rep).transpose(1, 2)).mul_(scale).to(lse.dtype)
+            s.masked_fill_(sk.hidden, float("-inf"))
+            merged = torch.logsumexp(torch.cat([lf.unsqueeze(-1), s], dim=-1), dim=-1)
+            of.mul_(torch.exp(lf - merged).unsqueeze(-1).to(q.dtype))
+            p = torch.exp(s.sub_(merged.unsqueeze(-1)))  # the sinks' share of the merged softmax
+            of.add_(torch.bmm(p.to(q.dtype), _sink_kv(v, sk, rep)))
+            lf.copy_(merged)
+            probs.append(p)
+        ctx.blocks, ctx.sinks, ctx.probs, ctx.scale, ctx.covers_all = blocks, sinks, probs, scale, covers_all
+        ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out = ctx.saved_tensors
-        # Every covered query row belongs to one block: its first part writes dq, no zero fill.
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, rep = ctx.scale, q.shape[1] // k.shape[1]
+        # Every covered query row belongs to one block, which writes its dq: no zero fill.
         dq = (torch.empty_like if ctx.covers_all else torch.zeros_like)(q)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        for blk, lse in zip(ctx.blocks, ctx.lses):
-            qv, dov, ov = blk.q.view(q), blk.q.view(dout), blk.q.view(out)
-            delta = None
-            if any(p.kind == "sinks" for p in blk.parts):
-                delta = (dov * ov).sum(-1, dtype=lse.dtype if lse.is_floating_point() else None).to(q.dtype)
-            for i, part in enumerate(blk.parts):
-                gq, gk, gv = _part_backward(part, dov, qv, part.k.view(k), part.k.view(v), ov, lse, delta, ctx.scale)
-                if i == 0:
-                    blk.q.view(dq).copy_(gq)
-                else:
-                    blk.q.accumulate(dq, gq)
-                part.k.accumulate(dk, gk)
-                part.k.accumulate(dv, gv)
-        ctx.blocks = ctx.lses = None
-        return dq, dk, dv, None, None, None
+        for blk in ctx.blocks:
+            causal, mask = _kernel_args(blk, q.dtype)
+            qv = blk.q.view(q)
+            gq, gk, gv = _OP_BWD(blk.q.view(dout), qv, blk.k.view(k), blk.k.view(v), blk.q.view(out),
+                                 blk.q.view(lse), 0.0, causal, attn_mask=mask, scale=scale)
+            blk.q.view(dq).copy_(gq)
+            blk.k.accumulate(dk, gk)
+            blk.k.accumulate(dv, gv)
+        for sk, p in zip(ctx.sinks, ctx.probs):
+            qf, of, do = (x[sk.b, :, sk.r0:sk.r0 + sk.n] for x in (q, out, dout))
+            do, p = _dense(do), p.to(q.dtype)
+            ks, vs = _sink_kv(k, sk, rep), _sink_kv(v, sk, rep)
+            delta = (do * of).sum(-1, keepdim=True)
+            ds = p * (torch.bmm(do, vs.transpose(1, 2)) - delta) * scale
+            dq[sk.b, :, sk.r0:sk.r0 + sk.n].add_(torch.bmm(ds, ks))
+            for buf, g in ((dk, torch.bmm(ds.transpose(1, 2), qf)), (dv, torch.bmm(p.transpose(1, 2), do))):
+                if rep > 1:
+                    g = g.view(-1, rep, *g.shape[1:]).sum(1)
+                buf[sk.b, :, sk.r0:sk.r0 + sk.m].add_(g)
+        ctx.blocks = ctx.sinks = ctx.probs = None
+        return dq, dk, dv, None, None, None, None
 
 
-def run(q, k, v, blocks: list[QueryBlock], scale: float, covers_all: bool) -> torch.Tensor:
+def run(q, k, v, blocks: list[Block], sinks: list[Sinks], scale: float, covers_all: bool) -> torch.Tensor:
     """(B, H, L, D) attention over the plan; query rows no block covers output 0
     (``covers_all``: every row is covered, the output buffer is not zero-filled)."""
-    return _Plan.apply(q, k, v, blocks, scale, covers_all)
+    return _Plan.apply(q, k, v, blocks, sinks, scale, covers_all)
 
 
 # --------------------------------------------------------------------------- plans
@@ -261,74 +216,57 @@ def head_blocks(h0: int, h1: int, rep: int):
         h = e
 
 
-def group_blocks(b: int, r0: int, n: int, G: int, off: int, m: int, h0: int, h1: int, rep: int):
-    """S2/SF-Attn of sample b (one document, real tokens [r0, r0 + n)), query heads [h0, h1):
-    groups [0, G - off), then G-long runs, then the remainder, each causal; groups after the
-    first also see the m sink tokens (an explicit part merged by LSE). None when the first
-    group is shorter than the sinks (the masked path handles it)."""
+def group_segments(n: int, G: int, off: int) -> list[tuple[int, int, int, int]]:
+    """S2 groups of n tokens as (start, count, length, step) runs: [0, G - off) when offset,
+    then G-long groups, then the remainder; a first and last group of equal length share one
+    run (step = distance between them)."""
     segs = []
     pos = 0
     if off:
         pos = min(G - off, n)
-        segs.append((0, 1, pos))
+        segs.append((0, 1, pos, pos))
     full = (n - pos) // G
     if full:
-        if pos == 0 and m:
-            segs.append((0, 1, G))
-            if full > 1:
-                segs.append((G, full - 1, G))
-        else:
-            segs.append((pos, full, G))
+        segs.append((pos, full, G, G))
         pos += full * G
     if pos < n:
-        segs.append((pos, 1, n - pos))
-    if m and segs[0][2] < m:
-        return None
+        if off and len(segs) == 2 and segs[0][2] == n - pos:
+            segs[0] = (0, 2, n - pos, pos)
+        else:
+            segs.append((pos, 1, n - pos, n - pos))
+    return segs
+
+
+def group_blocks(b: int, r0: int, n: int, G: int, off: int, h0: int, h1: int, rep: int) -> list[Block]:
+    """S2/SF-Attn groups of sample b (one document, tokens [r0, r0 + n)), query heads [h0, h1):
+    each group causal, groups of equal length batched as rows of one call."""
     blocks = []
     for qh, nh, kh, bcast in head_blocks(h0, h1, rep):
-        for start, count, length in segs:
-            qref = Ref(b, qh, nh, r0 + start, count, length, length)
-            parts = [KeyPart("causal", replace(qref, h=kh, bcast=bcast))]
-            if m and start > 0:
-                parts.append(KeyPart("sinks", Ref(b, kh, nh, r0, 1, m, 0, bcast)))
-            blocks.append(QueryBlock(qref, parts))
+        for start, count, length, step in group_segments(n, G, off):
+            qref = Ref(b, qh, nh, r0 + start, count, length, step)
+            blocks.append(Block(qref, replace(qref, h=kh, bcast=bcast), "causal"))
     return blocks
 
 
-def window_blocks(b: int, r0: int, n: int, W: int, C: int, m: int, H: int, rep: int, device):
-    """sink_window of sample b (one document, real tokens [r0, r0 + n)), all heads.
+def window_blocks(b: int, r0: int, n: int, W: int, C: int, H: int, rep: int) -> list[Block]:
+    """sink_window (without its sinks) of sample b (one document, tokens [r0, r0 + n)).
 
-    Queries [0, W) see every earlier key: one causal block. Then chunks of c <= W - 1 queries
-    starting at s >= W: query s + i sees its own chunk causally, keys [s - W + 1 + c, s) whole,
-    keys a in [s - W + 1, s - W + 1 + c) iff a >= i (reversed causal), and the sinks j with
-    s + i - j >= W. Full chunks of C are one block (strided views); the remainder is another."""
-    blocks = []
-    if WINDOW != "band":
-        C = max(1, min(C, W - 1)) if W > 1 else 1
-    rows_per_call = max(1, ROWS_PER_CALL // C)
+    Queries [0, W) see every earlier key: one causal block. Then chunks of C queries from s = W
+    on: chunk [s, s + c) attends keys [s - W + 1, s + c) through the band mask (cost c * (W + c - 1)
+    for c * W useful pairs); chunks are rows of strided views, ROWS_PER_CALL queries per call."""
+    C = max(1, C)
+    per_call = max(1, ROWS_PER_CALL // C)
     s0 = min(n, W)
     R = (n - s0) // C
     T = n - s0 - R * C
+    spans = [(s0 + j * C, min(per_call, R - j), C) for j in range(0, R, per_call)] + [(s0 + R * C, 1, T)]
+    blocks = []
     for qh, nh, kh, bcast in head_blocks(0, H, rep):
-        kv = lambda start, count, length, step: Ref(b, kh, nh, r0 + start, count, length, step, bcast)
-        blocks.append(QueryBlock(Ref(b, qh, nh, r0, 1, s0, s0), [KeyPart("causal", kv(0, 1, s0, s0))]))
-        spans = [(s0 + j * C, min(rows_per_call, R - j), C) for j in range(0, R, rows_per_call)]
-        spans.append((s0 + R * C, 1, T))
+        qref = Ref(b, qh, nh, r0, 1, s0, s0)
+        blocks.append(Block(qref, replace(qref, h=kh, bcast=bcast), "causal"))
         for s, count, c in spans:
-            if not count or not c:
-                continue
-            qref = Ref(b, qh, nh, r0 + s, count, c, C)
-            if WINDOW == "band":
-                parts = [KeyPart("band", kv(s - W + 1, count, W - 1 + c, C))]
-            else:
-                parts = [KeyPart("causal", kv(s, count, c, C))]
-                if W > 1:
-                    parts.append(KeyPart(TRIANGLE, kv(s - W + 1, count, c, C)))
-                    if W - 1 - c > 0:
-                        parts.append(KeyPart("full", kv(s - W + 1 + c, count, W - 1 - c, C)))
-            if m:
-                i = s + C * torch.arange(count, device=device).view(-1, 1, 1, 1) + torch.arange(c, device=device).view(1, 1, -1, 1)
-                ok = i - torch.arange(m, device=device).view(1, 1, 1, -1) >= W
-                parts.append(KeyPart("sinks", kv(0, 1, m, 0), None if bool(ok.all()) else ok))
-            blocks.append(QueryBlock(qref, parts))
+            if count and c:
+                qref = Ref(b, qh, nh, r0 + s, count, c, C)
+                kref = Ref(b, kh, nh, r0 + s - W + 1, count, W - 1 + c, C, bcast)
+                blocks.append(Block(qref, kref, "band"))
     return blocks

@@ -1,19 +1,23 @@
 """Grouped SDPA, the fast CPU path: S2/SF-Attn groups and sink_window chunks become batch rows.
 
-Three forms, all checked against the dense reference (tests/test_backends.py):
-- one-document samples, S2/SF (``_fast_groups``): groups are contiguous runs of the sample's
-  tokens, so equal-length groups are a reshape and one ``is_causal`` SDPA call, no mask; sinks
-  are prepended to every later group as keys *and* queries (top-left causal alignment then
-  shows each query all sinks plus its causal prefix). Shifted heads start with a short group
-  [0, G - S), so nothing wraps and nothing leaks.
-- one-document samples, sink_window on CPU (``_fast_window``): query chunks of W/2 attend their
-  own chunk, the previous chunk and a reversed-causal block, merged by log-sum-exp with the
-  sinks (backends/merge.py); no masks.
+Forms, all checked against the dense reference (tests/test_backends.py):
+- CPU, samples whose real tokens are one contiguous run of one document (``_cpu_plan``, run
+  by backends/cpu_blocks.py): strided views of q/k/v, no copies, one autograd Function.
+  S2/SF: each group is causal attention (``is_causal``, no mask); equal-length groups are rows
+  of one kernel call (the shifted heads' short first and last groups share one call). SF's
+  sinks: one explicit part per sample (q x m keys) merged by log-sum-exp for every query
+  outside the first group (which already holds them). sink_window: queries [0, W) causal, then
+  chunks of C (``default_chunk``) attending keys [s - W + 1, s + C) through a cached band mask,
+  sinks beyond the window merged the same way.
+- other devices, one-document samples, S2/SF (``_fast_groups``): equal-length groups are a
+  reshape and one ``is_causal`` SDPA call; sinks are prepended to every later group as keys
+  *and* queries (top-left causal alignment then shows each query all sinks plus its prefix).
 - anything else (packed documents, tiny groups): gather a *superset* of the allowed keys per
   row (group or window range, plus the sample's sink tokens, a sink already in the row's range
   dropped so no key counts twice), evaluate the predicate of kernels/masks.py on it, one
   masked SDPA call.
-Padding: each sample's real tokens are gathered in order, G from its own length.
+Shifted heads start with a short group [0, G - S), so nothing wraps and nothing leaks.
+Padding: G from each sample's own length; the plan addresses the real tokens where they are.
 """
 
 from __future__ import annotations
@@ -161,9 +165,10 @@ def _single_document(ctx: MaskContext, b: int, rows: torch.Tensor) -> bool:
 
 
 def default_chunk(window: int) -> int:
-    """Query chunk for sink_window on CPU: window/2, so each chunk sees the previous chunk
-    whole and the one before through a fixed triangle (mask-free views, _aligned_window);
-    measured best among W/8..W-1 at 16k (docs/benchmarks.md)."""
+    """Query chunk C for sink_window on CPU: min(256, W/2). A chunk costs C * (W + C - 1) for
+    C * W useful pairs, and the CPU kernel runs queries in blocks of 64 rows from 192 queries
+    (256 rows from 768): 256 measured best among 128..1024 at W = 1024 and 2048 (the band mask
+    costs ~5%; docs/kernels.md)."""
     return max(1, min(256, window // 2))
 
 
@@ -171,32 +176,37 @@ def _contiguous_rows(rows: torch.Tensor) -> bool:
     return rows.numel() > 0 and int(rows[-1]) - int(rows[0]) + 1 == rows.numel()
 
 
-def _cpu_blocks(spec: dict, ctx: MaskContext, b: int, bb: int, rows: torch.Tensor, H: int, rep: int,
-                chunk: int | None):
-    """The block plan of sample b (blocks addressed as sample bb), or None when the sample
-    needs the masked path (packed documents, padding inside the row, tiny first group)."""
+def _cpu_plan(spec: dict, ctx: MaskContext, b: int, bb: int, rows: torch.Tensor, H: int, rep: int,
+              chunk: int | None):
+    """(blocks, sinks) of sample b addressed as sample bb, or None when the sample needs the
+    masked path (packed documents, a row with gaps, a first group shorter than the sinks)."""
     if not _contiguous_rows(rows) or not _single_document(ctx, b, rows):
         return None
     r0, n = int(rows[0]), rows.numel()
-    sinks = int(spec.get("num_sink_tokens", 0))
-    m = _sink_t(ctx, b, rows, sinks).numel()
+    m = min(int(spec.get("num_sink_tokens", 0)), n)
+    dev = rows.device
+    t = torch.arange(n, device=dev).view(1, n, 1)
     if spec["pattern"] == "sink_window":
         W = int(spec["window"])
-        return cpu_blocks.window_blocks(bb, r0, n, W, chunk or default_chunk(W), m, H, rep, rows.device)
+        blocks = cpu_blocks.window_blocks(bb, r0, n, W, chunk or default_chunk(W), H, rep)
+        # sinks beyond the window: token t sees sink j there iff t - j >= W
+        hidden = t - torch.arange(m, device=dev).view(1, 1, m) < W
+        return blocks, [cpu_blocks.Sinks(bb, r0, n, m, hidden)] if m and n > W else []
     num, den = ratio_fraction(spec["group_ratio"])
     G = max(1, n * num // den)
     split = H - num_shifted_heads(spec, H)
-    blocks = []
+    blocks, first = [], torch.full((H, 1, 1), n, device=dev)
     for h0, h1, shifted in ((0, split, False), (split, H, True)):
         if h0 == h1:
             continue
         off = G // 2 if shifted and G < n else 0
-        g = G if G < n else n
-        part = cpu_blocks.group_blocks(bb, r0, n, g, off, m, h0, h1, rep)
-        if part is None:
+        g = min(G, n)
+        first[h0:h1] = g - off  # the first group [0, g - off) holds the sinks
+        if m and g - off < m:
             return None
-        blocks += part
-    return blocks
+        blocks += cpu_blocks.group_blocks(bb, r0, n, g, off, h0, h1, rep)
+    # later groups see every sink through the sink part
+    return blocks, [cpu_blocks.Sinks(bb, r0, n, m, t < first)] if m and int(first.min()) < n else []
 
 
 def forward(q, k, v, spec: dict, ctx: MaskContext, scale: float, chunk: int | None = None) -> torch.Tensor:
@@ -210,17 +220,18 @@ def forward(q, k, v, spec: dict, ctx: MaskContext, scale: float, chunk: int | No
     cpu = q.device.type == "cpu"
     if cpu:
         # One plan for the whole batch when every sample has one (the usual case).
-        plans = [_cpu_blocks(spec, ctx, b, b, all_rows[b], H, rep, chunk) for b in range(B)]
+        plans = [_cpu_plan(spec, ctx, b, b, all_rows[b], H, rep, chunk) for b in range(B)]
         if all(p is not None for p in plans):
             covers = all(r.numel() == L for r in all_rows)
-            return cpu_blocks.run(q, k, v, [blk for p in plans for blk in p], scale, covers)
+            return cpu_blocks.run(q, k, v, [x for p in plans for x in p[0]], [x for p in plans for x in p[1]],
+                                  scale, covers)
     outs = []
     for b in range(B):
         rows = all_rows[b]
         n = rows.numel()
         if cpu and plans[b] is not None:
-            plan = _cpu_blocks(spec, ctx, b, 0, rows, H, rep, chunk)
-            outs.append(cpu_blocks.run(q[b:b + 1], k[b:b + 1], v[b:b + 1], plan, scale, n == L)[0])
+            blocks, sinks_ = _cpu_plan(spec, ctx, b, 0, rows, H, rep, chunk)
+            outs.append(cpu_blocks.run(q[b:b + 1], k[b:b + 1], v[b:b + 1], blocks, sinks_, scale, n == L)[0])
             continue
         sink_t = _sink_t(ctx, b, rows, sinks)
         if pattern == "sink_window":

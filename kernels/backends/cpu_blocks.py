@@ -70,6 +70,8 @@ class Ref:
             g = g.sum(1, keepdim=True)
             ref = replace(ref, heads=1, bcast=False)
         if ref.count > 1 and ref.step < ref.length:
+            # k sets of disjoint rows, one add each (a padded, skewed single sum measured
+            # slower: the padded copy's page faults cost more than the adds)
             k = -(-ref.length // ref.step)
             for j in range(min(k, ref.count)):
                 sub = replace(ref, start=ref.start + j * ref.step, count=len(range(j, ref.count, k)), step=ref.step * k)
@@ -135,9 +137,46 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     return x if 0 not in x.stride() else x.contiguous()
 
 
+#: Run everything but the kernel calls on one thread: on a shared machine each parallel op
+#: waits for both threads to be scheduled, which costs more than the small ops themselves.
+SERIAL_SMALL_OPS = True
+
+
+class _Threads:
+    """Inside: one intra-op thread, except within ``kernel()`` (the caller's count)."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        if SERIAL_SMALL_OPS and self.n > 1:
+            torch.set_num_threads(1)
+        return self
+
+    def kernel(self, op, *args, **kwargs):
+        if not (SERIAL_SMALL_OPS and self.n > 1):
+            return op(*args, **kwargs)
+        torch.set_num_threads(self.n)
+        try:
+            return op(*args, **kwargs)
+        finally:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
+
+
 class _Plan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, blocks, sinks, scale, covers_all):
+        with _Threads() as th:
+            return _Plan._forward(ctx, th, q, k, v, blocks, sinks, scale, covers_all)
+
+    @staticmethod
+    def backward(ctx, dout):
+        with _Threads() as th:
+            return _Plan._backward(ctx, th, dout)
+
+    @staticmethod
+    def _forward(ctx, th, q, k, v, blocks, sinks, scale, covers_all):
         B, H, L, D = q.shape
         rep = H // k.shape[1]
         # (B, L, H, D) storage: the caller's transpose(1, 2).contiguous() is then free.
@@ -146,7 +185,7 @@ class _Plan(torch.autograd.Function):
                           device=q.device)
         for blk in blocks:
             causal, mask = _kernel_args(blk, q.dtype)
-            o, l = _OP(blk.q.view(q), blk.k.view(k), blk.k.view(v), 0.0, causal, attn_mask=mask, scale=scale)
+            o, l = th.kernel(_OP, blk.q.view(q), blk.k.view(k), blk.k.view(v), 0.0, causal, attn_mask=mask, scale=scale)
             blk.q.view(out).copy_(o)
             blk.q.view(lse).copy_(l)
         probs = []
@@ -167,7 +206,7 @@ class _Plan(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, dout):
+    def _backward(ctx, th, dout):
         q, k, v, out, lse = ctx.saved_tensors
         scale, rep = ctx.scale, q.shape[1] // k.shape[1]
         # Every covered query row belongs to one block, which writes its dq: no zero fill.
@@ -176,7 +215,7 @@ class _Plan(torch.autograd.Function):
         for blk in ctx.blocks:
             causal, mask = _kernel_args(blk, q.dtype)
             qv = blk.q.view(q)
-            gq, gk, gv = _OP_BWD(blk.q.view(dout), qv, blk.k.view(k), blk.k.view(v), blk.q.view(out),
+            gq, gk, gv = th.kernel(_OP_BWD, blk.q.view(dout), qv, blk.k.view(k), blk.k.view(v), blk.q.view(out),
                                  blk.q.view(lse), 0.0, causal, attn_mask=mask, scale=scale)
             blk.q.view(dq).copy_(gq)
             blk.k.accumulate(dk, gk)

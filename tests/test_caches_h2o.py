@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StoppingCriteria
+from transformers import DynamicCache, StoppingCriteria
 
 from finetune.caches.h2o import H2OCache
-from finetune.caches.reference import register
-
-REF = register()
+from tests.cache_models import greedy, tiny
 
 
 def causal_probs(b, h, q, k, offset, gen):
@@ -101,23 +99,6 @@ def test_h2o_eviction_matches_direct_computation(norm, red):
     assert any(final[(r, 0)] != final[(r, 1)] for r in range(b))
 
 
-def tiny(seed=0, layers=2):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=97, max_position_embeddings=256, tie_word_embeddings=False,
-    )  # fmt: skip
-    m = LlamaForCausalLM(cfg).double().eval()
-    m.config._attn_implementation = REF
-    return m
-
-
-def greedy(model, ids, cache, n, stopping=None):
-    with torch.no_grad():
-        return model.generate(
-            ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=n, min_new_tokens=n,
-            do_sample=False, pad_token_id=0, stopping_criteria=stopping,
-        )  # fmt: skip
 
 
 def test_h2o_full_budget_equals_full_cache():

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.time()
     if not (REPO / pre.run_dir / "final").is_dir():
         times["pretrain (256 tokens)"] = _run("pretrain", _longtune("train", str(DEMO / "pretrain.yaml")))
-    pi_dir = interpolation_only(REPO / pre.run_dir / "final", REPO / root / "interpolation-only", ext.rope.target_length)
+    interpolation_only(REPO / pre.run_dir / "final", REPO / root / "interpolation-only", ext.rope.target_length)
+    pi_dir = root / "interpolation-only"  # relative to the repo (the commands run there)
     runs = [(ext, DEMO / "extend-sfattn.yaml")]
     if not a.skip_hybrid:
         runs.append((hyb, DEMO / "extend-hybrid.yaml"))
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     # the hybrid run's own eval (for its model card) measures only itself.
     compare = [f"eval.compare.interpolation-only={pi_dir}"]
     if not a.skip_hybrid:
-        compare.append(f"eval.compare.longgen-hybrid={REPO / hyb.run_dir / 'export'}")
+        compare.append(f"eval.compare.longgen-hybrid={Path(hyb.run_dir) / 'export'}")
     times[f"eval {ext.name}"] = _run(f"eval {ext.name}", _longtune("eval", ext.run_dir, *compare))
     if not a.skip_hybrid:
         times[f"eval {hyb.name}"] = _run(f"eval {hyb.name}", _longtune("eval", hyb.run_dir, "--no-base"))

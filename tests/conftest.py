@@ -18,19 +18,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-TINY_LLAMA = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=259,
-    max_position_embeddings=128,
-    tie_word_embeddings=False,
-    bos_token_id=256,
-    eos_token_id=257,
-    pad_token_id=258,
-)
+TINY_LLAMA = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 259,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+    "bos_token_id": 256,
+    "eos_token_id": 257,
+    "pad_token_id": 258,
+}
 
 
 @pytest.fixture

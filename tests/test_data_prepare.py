@@ -475,8 +475,8 @@ def test_num_proc_gives_the_same_result(tmp_path, monkeypatch):
 
 
 def test_editing_a_source_file_invalidates_the_prepared_data(tmp_path, tiny_llama_config):
-    from finetune.recipe import validate
     from data_prep.prepare import is_prepared, prepare
+    from finetune.recipe import validate
 
     src = tmp_path / "corpus.txt"
     src.write_text("to be or not to be, that is the question. " * 40)

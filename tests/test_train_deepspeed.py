@@ -70,13 +70,13 @@ def recipe_file(tmp: Path, run: str, stage: int, **training) -> Path:
 def launch(recipe: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "finetune.cli", "train", str(recipe), *args]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if p.returncode != 0 and "address already in use" in (p.stdout + p.stderr).lower():
         # The free port picked for the rendezvous was taken in between: pick another, once.
         r = yaml.safe_load(recipe.read_text())
         r["deepspeed"]["master_port"] = free_port()
         recipe.write_text(yaml.safe_dump(r))
-        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        p = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if p.returncode != 0:
         raise AssertionError(f"train failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
     return p
@@ -124,7 +124,8 @@ def test_resume_matches_uninterrupted(zero2_run, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         diff = (a[k] - b[k]).abs().max().item()
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{k}: max abs diff {diff}")
+        # One optimizer step at lr 5e-3 moves weights by ~1e-3: 1e-5 separates "same run" from "resumed wrong".
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{k}: max abs diff {diff}")
 
 
 def test_zero3_saves_real_gathered_weights(tmp_path):
@@ -161,7 +162,7 @@ def test_run_dir_of_another_recipe_is_refused(zero2_run):
         check_run_dir(other_recipe)
     p = zero2_run / "other.yaml"
     p.write_text(yaml.safe_dump(other))
-    proc = subprocess.run([sys.executable, "-m", "finetune.cli", "train", str(p)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "finetune.cli", "train", str(p)], check=False, cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "overwrite" in proc.stderr
     # Same recipe, different training length: not another run, resumable.

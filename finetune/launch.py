@@ -30,11 +30,20 @@ def find_file(ref: str, key: str) -> Path:
     raise RecipeError(f"{key}: file '{ref}' not found (looked in ., {REPO_ROOT}, {RECIPES_DIR})")
 
 
-def zero_stage(recipe: Recipe) -> int | None:
+def deepspeed_config(recipe: Recipe) -> dict | None:
+    """The recipe's DeepSpeed JSON, parsed; None without DeepSpeed."""
     if not recipe.deepspeed.config:
         return None
-    cfg = json.loads(find_file(recipe.deepspeed.config, "deepspeed.config").read_text())
-    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+    path = find_file(recipe.deepspeed.config, "deepspeed.config")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"{path}:{e.lineno}: invalid DeepSpeed JSON: {e.msg}") from None
+
+
+def zero_stage(recipe: Recipe) -> int | None:
+    cfg = deepspeed_config(recipe)
+    return None if cfg is None else int(cfg.get("zero_optimization", {}).get("stage", 0))
 
 
 def world(recipe: Recipe, ngpus: int | None) -> tuple[int, bool]:

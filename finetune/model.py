@@ -65,7 +65,7 @@ def apply_rope(config: PretrainedConfig, rope: RopeSection) -> dict[str, Any]:
         factor = float(max(1, math.ceil(rope.target_length / original)))
 
     if rope.type == "theta":
-        new = {"rope_type": existing if existing != "default" else "default", **_keep(params), "rope_theta": theta}
+        new = {"rope_type": existing, **_keep(params), "rope_theta": theta}
         factor = 1.0
     elif existing not in ("default", None) and rope.type in ("linear", existing):
         # Combine: the model already scales (e.g. Llama-3): scale its factor further.
@@ -209,9 +209,9 @@ def apply_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     return model
 
 
-def build_model(recipe: Recipe) -> torch.nn.Module:
-    """The trainable model of a recipe: base + RoPE + layout + LoRA."""
-    model = build_base_model(recipe)
+def build_model(recipe: Recipe, config: PretrainedConfig | None = None) -> torch.nn.Module:
+    """The trainable model of a recipe: base + RoPE + layout + LoRA (`config`: a built one)."""
+    model = build_base_model(recipe, config)
     model = apply_lora(model, recipe)
     if recipe.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -294,8 +294,6 @@ def estimate(recipe: Recipe, num_gpus: int, zero_stage: int | None) -> dict[str,
 
 def _meta_qlora(model, recipe: Recipe):
     # bitsandbytes cannot quantise meta tensors; LoRA counts are the same on the unquantised model.
-    from dataclasses import replace  # noqa: F401
-
     r = recipe.model_copy(deep=True)
     r.lora.mode = "lora"
     return apply_lora(model, r)

@@ -7,6 +7,7 @@ directory; run alone (`python -m finetune.train --recipe R`) it trains in one pr
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 import yaml
+from transformers import TrainerCallback
 
 from finetune.recipe import Recipe, RecipeError, load_recipe
 
@@ -87,21 +89,10 @@ def write_resolved(recipe: Recipe) -> Path:
 
 
 # --------------------------------------------------------------------------- trainer pieces
-def _deepspeed_config(recipe: Recipe) -> dict | None:
-    if not recipe.deepspeed.config:
-        return None
-    from finetune.launch import find_file
-
-    path = find_file(recipe.deepspeed.config, "deepspeed.config")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RecipeError(f"{path}:{e.lineno}: invalid DeepSpeed JSON: {e.msg}") from None
-
-
 def training_arguments(recipe: Recipe, has_eval: bool):
     from transformers import TrainingArguments
 
+    from finetune.launch import deepspeed_config
     from finetune.model import training_precision
 
     t = recipe.training
@@ -135,7 +126,7 @@ def training_arguments(recipe: Recipe, has_eval: bool):
         data_seed=recipe.seed,
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_num_workers,
-        deepspeed=_deepspeed_config(recipe),
+        deepspeed=deepspeed_config(recipe),
         gradient_checkpointing=False,  # enabled on the model in build_model (peft-aware)
         ddp_find_unused_parameters=False,
         optim="adamw_torch",
@@ -143,31 +134,28 @@ def training_arguments(recipe: Recipe, has_eval: bool):
     )
 
 
-class KernelCheck:
-    """Fails the run at the first step if the recipe's attention kernel did not run.
+class KernelCheck(TrainerCallback):
+    """Fails the run at its first step if the recipe's attention kernel did not run.
 
     SinkLoRA's only logged run silently trained with SDPA; this makes that impossible here.
     """
 
-    def __new__(cls, expected: set[str]):
-        from transformers import TrainerCallback
+    def __init__(self, expected: set[str], start_step: int = 0):
+        self.expected = expected
+        self.first_step = start_step + 1  # a resumed run checks its first new step
 
-        class _Check(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                if state.global_step != 1 + _Check.start:
-                    return
-                from kernels.registry import kernel_calls
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step != self.first_step:
+            return
+        from kernels.registry import kernel_calls
 
-                ran = {p for (p, _b), n in kernel_calls().items() if n > 0}
-                missing = expected - ran
-                if missing:
-                    raise RuntimeError(
-                        f"attention pattern(s) {sorted(missing)} chosen by the recipe never ran "
-                        f"(kernels that ran: {kernel_calls()}); check model.config._attn_implementation"
-                    )
-
-        _Check.start = 0
-        return _Check()
+        ran = {p for (p, _b), n in kernel_calls().items() if n > 0}
+        missing = self.expected - ran
+        if missing:
+            raise RuntimeError(
+                f"attention pattern(s) {sorted(missing)} chosen by the recipe never ran "
+                f"(kernels that ran: {kernel_calls()}); check model.config._attn_implementation"
+            )
 
 
 def expected_patterns(layout: dict) -> set[str]:
@@ -271,7 +259,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
         # uninitialised on the CPU accelerator: without this ZeRO-3 sees a world of 1.
         deepspeed.init_distributed()
     base_config = build_config(recipe)
-    model = build_model(recipe)
+    model = build_model(recipe, copy.deepcopy(base_config))  # the model mutates its own config
     trainable, total = count_parameters(model)
     if rank == 0:
         print(f"[longtune] trainable parameters: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)")
@@ -279,13 +267,12 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     from kernels.registry import reset_kernel_calls
 
     reset_kernel_calls()
-    check = KernelCheck(expected_patterns(model.config.longtune_attention))
     resume = checkpoints(Path(recipe.run_dir))
     resume_from = str(resume[-1]) if resume else None
-    if resume_from:
-        check.__class__.start = int(resume[-1].name.split("-")[-1])
-        if rank == 0:
-            print(f"[longtune] resuming from {resume_from}")
+    start_step = int(resume[-1].name.split("-")[-1]) if resume else 0
+    check = KernelCheck(expected_patterns(model.config.longtune_attention), start_step)
+    if resume_from and rank == 0:
+        print(f"[longtune] resuming from {resume_from}")
     trainer = Trainer(
         model=model,
         args=args,

@@ -13,19 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-TINY = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 259,
-    "max_position_embeddings": 128,
-    "tie_word_embeddings": False,
-    "bos_token_id": 256,
-    "eos_token_id": 257,
-    "pad_token_id": 258,
-}
+from tests.conftest import TINY_LLAMA as TINY
 
 
 def recipe_dict(run_dir: Path, kind: str = "sf_attn", kv_cache: dict | None = None, layers: int = 2) -> dict:

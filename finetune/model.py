@@ -23,10 +23,8 @@ NORM_MODULES = ["input_layernorm", "post_attention_layernorm", "norm"]
 # --------------------------------------------------------------------------- config
 def resolve_model_path(name: str) -> str:
     """Bundled aliases (`smollm2-135m`) become local directories; anything else passes through."""
-    try:
-        from data_prep.assets import resolve_model
-    except ImportError:
-        return name
+    from data_prep.assets import resolve_model
+
     return str(resolve_model(name))
 
 

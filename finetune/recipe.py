@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kernels.patterns import FULL, PATTERN_DEFAULTS, PERSISTENT, WRAPS
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -82,14 +84,15 @@ class AttentionSection(Section):
     the model evaluates, generates and exports with full attention.
     """
 
-    pattern: Literal["causal", "s2_attn", "sf_attn"] = "causal"
-    group_ratio: float = Field(default=0.25, gt=0, le=1)
+    # Choices and defaults: kernels/patterns.py (shared with hand-written layouts).
+    pattern: Literal[FULL] = "causal"
+    group_ratio: float = Field(default=PATTERN_DEFAULTS["sf_attn"]["group_ratio"], gt=0, le=1)
     #: Fraction of heads whose groups are shifted by half a group (1/2 = S2-Attn's reading).
-    shift_fraction: float = Field(default=0.5, ge=0, le=1)
+    shift_fraction: float = Field(default=PATTERN_DEFAULTS["sf_attn"]["shift_fraction"], ge=0, le=1)
     #: `none` (default, causal-safe) or `roll` (LongLoRA's leaking reproduction mode).
-    wrap: Literal["none", "roll"] = "none"
+    wrap: Literal[WRAPS] = PATTERN_DEFAULTS["sf_attn"]["wrap"]
     #: Global sink tokens (sf_attn only; s2_attn forces 0).
-    num_sink_tokens: int = Field(default=4, ge=0)
+    num_sink_tokens: int = Field(default=PATTERN_DEFAULTS["sf_attn"]["num_sink_tokens"], ge=0)
     #: Kernel: auto picks flash-attn on GPU when installed, else FlexAttention/SDPA groups.
     backend: Literal["auto", "dense", "flex", "sdpa_groups", "flash"] = "auto"
     #: Let attention cross document boundaries in packed sequences.
@@ -97,14 +100,15 @@ class AttentionSection(Section):
 
 
 class SparseSection(Section):
-    pattern: Literal["sink_window", "block_sparse"] = "sink_window"
-    window: int = Field(default=2048, gt=0)
-    num_sink_tokens: int = Field(default=4, ge=0)
-    block_size: int = Field(default=64, gt=0)
-    local_blocks: int = Field(default=4, gt=0)
-    stride: int = Field(default=8, gt=0)
+    # Choices and defaults: kernels/patterns.py (shared with hand-written layouts).
+    pattern: Literal[PERSISTENT] = "sink_window"
+    window: int = Field(default=PATTERN_DEFAULTS["sink_window"]["window"], gt=0)
+    num_sink_tokens: int = Field(default=PATTERN_DEFAULTS["sink_window"]["num_sink_tokens"], ge=0)
+    block_size: int = Field(default=PATTERN_DEFAULTS["block_sparse"]["block_size"], gt=0)
+    local_blocks: int = Field(default=PATTERN_DEFAULTS["block_sparse"]["local_blocks"], gt=0)
+    stride: int = Field(default=PATTERN_DEFAULTS["block_sparse"]["stride"], gt=0)
     #: Per-head shift of the strided column; None = max(1, stride // heads); 0 = same in all heads.
-    head_step: int | None = Field(default=None, ge=0)
+    head_step: int | None = Field(default=PATTERN_DEFAULTS["block_sparse"]["head_step"], ge=0)
 
 
 class FullLayersPlacement(Section):
@@ -223,7 +227,7 @@ class KVCacheSection(Section):
     recent_ratio: float | None = Field(default=None, ge=0, le=1)
     #: sink method: tokens kept after the sinks.
     window: int | None = Field(default=None, gt=0)
-    num_sink_tokens: int = Field(default=4, ge=0)
+    num_sink_tokens: int = Field(default=PATTERN_DEFAULTS["sink_window"]["num_sink_tokens"], ge=0)
     #: H2O score: sum of attention, or mean over the queries that could see the key.
     score_normalization: Literal["none", "mean"] = "none"
     #: H2O with GQA: reduce per-query-head scores over each KV group.

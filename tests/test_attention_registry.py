@@ -179,15 +179,16 @@ def test_compact_keys_with_kv_positions():
 
 
 def test_register_is_idempotent_and_patches_nothing():
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    before = dict(AttentionInterface._global_mapping)
+    before = dict(ALL_ATTENTION_FUNCTIONS.items())
     register()
     register()
-    after = dict(AttentionInterface._global_mapping)
+    after = dict(ALL_ATTENTION_FUNCTIONS.items())
     assert after["longtune"] is longtune_attention_forward
     assert {k: v for k, v in after.items() if k != "longtune"} == {k: v for k, v in before.items() if k != "longtune"}
-    assert "longtune" in AttentionMaskInterface._global_mapping
+    assert "longtune" in ALL_MASK_ATTENTION_FUNCTIONS
     assert after["sdpa"].__module__ == "transformers.integrations.sdpa_attention"
 
 

@@ -142,8 +142,8 @@ def test_block_sparse_keeps_what_the_pattern_can_reach():
         layer.update(torch.randn(1, 1, q, 2), torch.randn(1, 1, q, 2), torch.arange(n, n + q).unsqueeze(0))
         n += q
         # brute force: a key is needed iff some future query (any head) can see it
-        qpos = torch.arange(n, n + 40).view(1, 1, -1, 1)
-        kpos = torch.arange(n).view(1, 1, 1, -1)
+        qpos = torch.arange(n, n + 40).view(1, -1)
+        kpos = torch.arange(n).view(1, -1)
         needed = pattern_mask(entry, qpos, kpos, 2).any(dim=(0, 1, 2)).nonzero().squeeze(-1).tolist()
         assert layer.positions[0].tolist() == needed
 

@@ -17,10 +17,11 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from finetune.recipe import KVCacheSection
+from kernels.layout import inference_layout, install_layout, is_hybrid, sparse_layer_indices
 
 from .base import FullLayer, PositionedCache
 from .h2o import H2OCache, H2OLayer
-from .hybrid import SPARSE_PATTERNS, BlockSparseLayer, HybridCache, is_hybrid_layout, layout_of
+from .hybrid import BlockSparseLayer, HybridCache, layout_of
 from .sink_window import SinkWindowCache, SinkWindowLayer
 
 __all__ = [
@@ -101,7 +102,7 @@ def validate_kv_config(kv: dict | None, model_config=None) -> dict:
     if model_config is not None:
         n = _get(model_config, "num_hidden_layers")
         layout = layout_of(model_config)
-        if m == "hybrid" and not is_hybrid_layout(layout):
+        if m == "hybrid" and not is_hybrid(layout):
             raise KVConfigError(
                 "kv_cache.method: 'hybrid' needs a model with a LongGen hybrid layout "
                 "(config.longtune_attention with sink_window/block_sparse layers); this model has none. "
@@ -111,7 +112,7 @@ def validate_kv_config(kv: dict | None, model_config=None) -> dict:
             bad = [i for i in layers if not 0 <= i < n]
             if bad:
                 raise KVConfigError(f"kv_cache.layers: indices {bad} out of range for a {n}-layer model")
-        elif layers == "sparse" and m in ("sink", "h2o") and not is_hybrid_layout(layout):
+        elif layers == "sparse" and m in ("sink", "h2o") and not is_hybrid(layout):
             raise KVConfigError(
                 "kv_cache.layers: 'sparse' selects the LongGen sparse layers, but this model has no hybrid layout"
             )
@@ -132,9 +133,7 @@ def chosen_layers(kv: dict, model_config) -> list[int]:
     if kv["layers"] == "all":
         return list(range(n))
     if kv["layers"] == "sparse":
-        return [
-            i for i, e in enumerate(layout_of(model_config)["layers"]) if e.get("pattern") in SPARSE_PATTERNS
-        ]
+        return sparse_layer_indices(layout_of(model_config))
     return sorted(set(kv["layers"]))
 
 
@@ -145,13 +144,6 @@ def _ensure_longtune_attention(model, need_layout: bool) -> None:
     config = model.config
     if _get(config, "_attn_implementation") == "longtune" and layout_of(config) is not None:
         return
-    try:
-        from kernels.layout import inference_layout, install_layout
-    except ImportError as e:  # pragma: no cover - kernels is part of longtune
-        raise RuntimeError(
-            f"this KV cache needs the 'longtune' attention function from kernels/ ({e}); "
-            "kernels.layout could not be imported"
-        ) from e
     layout = layout_of(config)
     if layout is None:
         if need_layout:
@@ -176,7 +168,7 @@ def make_cache(model, kv_config: dict | KVCacheSection | None = None) -> Cache:
     kv = validate_kv_config(kv_config, config)
     m = kv["method"]
     if m == "full":
-        if is_hybrid_layout(layout_of(config)):  # the sparse layers are the architecture
+        if is_hybrid(layout_of(config)):  # the sparse layers are the architecture
             _ensure_longtune_attention(model, need_layout=True)
         return DynamicCache(config=config)
     _ensure_longtune_attention(model, need_layout=(m == "hybrid"))

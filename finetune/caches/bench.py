@@ -49,15 +49,8 @@ def causal_layout(num_layers: int) -> dict:
 
 def use_layout(model, layout: dict) -> None:
     """Run `model` with the longtune attention function and `layout`."""
-    try:
-        from kernels.layout import install_layout
-    except ImportError:  # kernels/layout.py not there yet: same effect by hand
-        from kernels.registry import register
+    from kernels.layout import install_layout
 
-        register()
-        model.config.longtune_attention = layout
-        model.config._attn_implementation = "longtune"
-        return
     install_layout(model.config, layout)
 
 

@@ -32,16 +32,16 @@ def default_kv_config(method: str, length: int, export_config: dict | None = Non
     if method == "h2o":
         over.update(heavy_ratio=0.1, recent_ratio=0.1)
     elif method == "sink":
-        over.update(window=max(1, length // 5), num_sink_tokens=4)
+        over.update(window=max(1, length // 5))
     return KVCacheSection(**over).model_dump(mode="json")
 
 
 def applicable_methods(model) -> dict[str, str | None]:
     """method -> None when applicable, else the reason it is not."""
-    layout = getattr(model.config, "longtune_attention", None) or {}
-    sparse = any(e.get("pattern") in ("sink_window", "block_sparse") for e in layout.get("layers", []))
+    from kernels.layout import is_hybrid
+
     out: dict[str, str | None] = dict.fromkeys(METHODS)
-    if not sparse:
+    if not is_hybrid(getattr(model.config, "longtune_attention", None)):
         out["hybrid"] = "the model has no LongGen sparse layers (config.longtune_attention)"
     return out
 
@@ -57,20 +57,9 @@ def _sync(device) -> None:
 
 
 def _nbytes(cache) -> int:
-    if hasattr(cache, "nbytes"):
-        return int(cache.nbytes())
-    try:
-        from finetune.caches import cache_nbytes
-    except ImportError:
-        cache_nbytes = None
-    if cache_nbytes is not None:
-        return int(cache_nbytes(cache))
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    from finetune.caches import cache_nbytes
+
+    return int(cache_nbytes(cache))
 
 
 @torch.no_grad()

@@ -182,16 +182,16 @@ def export_run(
         checkpoint = newest_checkpoint(run_dir)
     meta = run_meta(run_dir, Path(checkpoint) if checkpoint else None)
     run_config = config_from_dict(meta["model_config"])
+    from kernels.layout import inference_layout, is_hybrid
+
     layout = getattr(run_config, "longtune_attention", None)
     inf_layout = None
     if layout is not None:
-        from kernels.layout import inference_layout
-
         inf_layout = inference_layout(layout)
         run_config.longtune_attention = inf_layout
     kv_section = recipe.export.kv_cache if recipe else {"method": "full"}
     kv = kv_config.build(kv_section, run_config)
-    hybrid = kv_config.is_hybrid(inf_layout)
+    hybrid = is_hybrid(inf_layout)
 
     run = load_merged(run_dir, checkpoint=checkpoint, dtype=torch.float32)
     model = run.model

@@ -10,10 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kernels.layout import is_hybrid, sparse_layer_indices
+from kernels.masks import resolve_spec
+
 VERSION = 1
 FILE = "kv_cache_config.json"
 METHODS = ("full", "h2o", "sink", "hybrid")
-SPARSE_PATTERNS = ("sink_window", "block_sparse")
 #: Default H2O budget when neither tokens nor ratios are given (the reference's 10% + 10%).
 DEFAULT_RATIO = 0.1
 
@@ -31,21 +33,12 @@ def _err(key: str, msg: str, where: str) -> KVConfigError:
     return KVConfigError(f"{where}.{key}: {msg}")
 
 
-def is_hybrid(layout: dict | None) -> bool:
-    if not layout:
-        return False
-    try:
-        from kernels.layout import is_hybrid as _is_hybrid
-    except ImportError:
-        return any(l.get("pattern") in SPARSE_PATTERNS for l in layout.get("layers", []))
-    return bool(_is_hybrid(layout))
-
-
 def full_layers(layout: dict | None) -> list[int] | None:
     """LongGen: the layers that keep full attention (None for a non-hybrid model)."""
     if not is_hybrid(layout):
         return None
-    return [i for i, l in enumerate(layout["layers"]) if l.get("pattern") not in SPARSE_PATTERNS]
+    sparse = set(sparse_layer_indices(layout))
+    return [i for i in range(len(layout["layers"])) if i not in sparse]
 
 
 def _num_layers(model_config) -> int:
@@ -128,11 +121,8 @@ def validate(cfg: dict[str, Any], model_config, where: str = "kv_cache") -> dict
             )
         # The hybrid cache keeps what each sparse layer can see (sinks + window for sink_window,
         # local + strided blocks for block_sparse), read from the layout: record the window.
-        windows = {
-            (l["window"], l.get("num_sink_tokens", 0))
-            for l in layout["layers"]
-            if l.get("pattern") == "sink_window"
-        }
+        specs = [resolve_spec(layout["layers"][i]) for i in sparse_layer_indices(layout)]
+        windows = {(s["window"], s["num_sink_tokens"]) for s in specs if s["pattern"] == "sink_window"}
         if len(windows) == 1:
             win, sinks = windows.pop()
             if cfg["window"] not in (None, win):
@@ -160,10 +150,8 @@ def validate(cfg: dict[str, Any], model_config, where: str = "kv_cache") -> dict
     # hybrid) and attention probabilities (h2o); a hybrid model needs it for its sparse layers.
     cfg["attn_implementation"] = "longtune" if (method != "full" or hybrid) else None
 
-    try:
-        from finetune.caches import validate_kv_config
-    except ImportError:
-        return cfg
+    from finetune.caches import validate_kv_config
+
     checked = validate_kv_config(cfg, model_config)
     return dict(checked) if checked is not None else cfg
 

@@ -127,10 +127,8 @@ def base_location(final: Path, base_ref: str) -> str:
                 "is missing; the run's final/ is incomplete"
             )
         return str(base)
-    try:
-        from finetune.model import resolve_model_path
-    except ImportError:
-        return base_ref
+    from finetune.model import resolve_model_path
+
     return resolve_model_path(base_ref)
 
 

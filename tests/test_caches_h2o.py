@@ -5,7 +5,6 @@ import torch
 from transformers import DynamicCache, StoppingCriteria
 
 from finetune.caches.h2o import H2OCache
-from tests.cache_models import greedy, tiny
 
 
 def causal_probs(b, h, q, k, offset, gen):
@@ -101,8 +100,8 @@ def test_h2o_eviction_matches_direct_computation(norm, red):
 
 
 
-def test_h2o_full_budget_equals_full_cache():
-    m = tiny()
+def test_h2o_full_budget_equals_full_cache(reference_llama, greedy):
+    m = reference_llama()
     ids = torch.randint(0, 97, (2, 30))
     full = greedy(m, ids, DynamicCache(), 20)
     cache = H2OCache(2, 2, heavy=60, recent=60, num_sink_tokens=4, prefill_chunk=7)
@@ -111,8 +110,8 @@ def test_h2o_full_budget_equals_full_cache():
 
 
 @pytest.mark.parametrize("norm", ["none", "mean"])
-def test_h2o_memory_stays_within_budget(norm):
-    m = tiny()
+def test_h2o_memory_stays_within_budget(norm, reference_llama, greedy):
+    m = reference_llama()
     ids = torch.randint(0, 97, (2, 20))
     cache = H2OCache(2, 2, heavy_ratio=0.25, recent_ratio=0.2, num_sink_tokens=2, score_normalization=norm,
                      layers=[1], prefill_chunk=8)  # fmt: skip
@@ -133,8 +132,8 @@ def test_h2o_memory_stays_within_budget(norm):
     assert sizes[-1][0] == 59
 
 
-def test_h2o_needs_the_observing_attention_function():
-    m = tiny()
+def test_h2o_needs_the_observing_attention_function(reference_llama, greedy):
+    m = reference_llama()
     m.config._attn_implementation = "sdpa"
     cache = H2OCache(2, 2, heavy=2, recent=2)
     ids = torch.randint(0, 97, (1, 10))
@@ -142,13 +141,13 @@ def test_h2o_needs_the_observing_attention_function():
         greedy(m, ids, cache, 3)
 
 
-def test_h2o_left_padding_row_equals_row_alone():
+def test_h2o_left_padding_row_equals_row_alone(reference_llama):
     """A left-padded row keeps and scores exactly what it would alone: pads (position -1) are
     evicted first, add no score as queries, and its sinks are its first real tokens."""
     pytest.importorskip("kernels.layout")
     from finetune.caches import make_cache
 
-    m = tiny()
+    m = reference_llama()
     ids = torch.randint(1, 97, (2, 30))
     mask = torch.ones_like(ids)
     ids[1, :7], mask[1, :7] = 0, 0

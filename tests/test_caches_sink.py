@@ -4,28 +4,27 @@ import torch
 from transformers import DynamicCache, StoppingCriteria
 
 from finetune.caches.sink_window import SinkWindowCache, SinkWindowLayer
-from tests.cache_models import greedy, tiny
 
 
-def test_sink_cache_is_the_sink_window_mask_without_rerotation():
+def test_sink_cache_is_the_sink_window_mask_without_rerotation(reference_llama, greedy):
     """Keys stay at their absolute positions: decoding with a sink cache on a causal model gives
     exactly what a full cache gives under the mask `j < s or i - j < W + 1` (the cache holds the
     sinks and the last W tokens; the new token makes W + 1). The prompt is shorter than the
     window because `method: sink` prefills with plain causal attention over the whole prompt."""
     W, s = 6, 2
-    masked = tiny({"pattern": "sink_window", "window": W + 1, "num_sink_tokens": s})
+    masked = reference_llama({"pattern": "sink_window", "window": W + 1, "num_sink_tokens": s})
     ids = torch.randint(0, 97, (2, 4))
     want = greedy(masked, ids, DynamicCache(), 30)
-    plain = tiny()  # same weights (same seed), causal attention
+    plain = reference_llama()  # same weights (same seed), causal attention
     cache = SinkWindowCache(2, window=W, num_sink_tokens=s)
     assert torch.equal(greedy(plain, ids, cache, 30), want)
     assert cache.kept_tokens() == [W + s, W + s]
     assert not torch.equal(greedy(plain, ids, DynamicCache(), 30), want)  # eviction mattered
 
 
-def test_sink_memory_stays_within_budget():
+def test_sink_memory_stays_within_budget(reference_llama, greedy):
     W, s = 5, 3
-    m = tiny()
+    m = reference_llama()
     cache = SinkWindowCache(2, window=W, num_sink_tokens=s, layers=[0])
     sizes = []
 

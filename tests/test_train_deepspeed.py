@@ -3,6 +3,7 @@
 Slow by nature (each launch ~20-40 s on 2 cores), so the runs are shared by module fixtures.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -43,13 +44,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def recipe_file(tmp: Path, run: str, stage: int, **training) -> Path:
-    from tests.conftest import TINY_LLAMA
+@pytest.fixture(scope="module")
+def recipe_file(tiny_config):
+    """``recipe_file(tmp, run, stage, **training)``: a tiny 2-rank DeepSpeed recipe file."""
+    return functools.partial(_recipe_file, tiny_config())
 
+
+def _recipe_file(model_config: dict, tmp: Path, run: str, stage: int, **training) -> Path:
     r = {
         "name": f"ds-test-{run}",
         "run_dir": str(tmp / run),
-        "model": {"config": TINY_LLAMA, "tokenizer": "byte"},
+        "model": {"config": model_config, "tokenizer": "byte"},
         "rope": {"type": "linear", "target_length": 256},
         "attention": {"pattern": "sf_attn", "group_ratio": 0.25, "num_sink_tokens": 4},
         "lora": {"r": 4, "alpha": 8},
@@ -92,7 +97,7 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def zero2_run(tmp_path_factory):
+def zero2_run(tmp_path_factory, recipe_file):
     tmp = tmp_path_factory.mktemp("z2")
     launch(recipe_file(tmp, "full", 2))
     return tmp
@@ -112,7 +117,7 @@ def test_zero2_two_ranks_loss_falls_and_kernel_ran(zero2_run):
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
 
 
-def test_resume_matches_uninterrupted(zero2_run, tmp_path):
+def test_resume_matches_uninterrupted(zero2_run, tmp_path, recipe_file):
     # Stopped after its first checkpoint (max_steps=4), then restarted with the full length.
     first = recipe_file(zero2_run, "resumed", 2, max_steps=4)
     launch(first)
@@ -128,7 +133,7 @@ def test_resume_matches_uninterrupted(zero2_run, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{k}: max abs diff {diff}")
 
 
-def test_zero3_saves_real_gathered_weights(tmp_path):
+def test_zero3_saves_real_gathered_weights(tmp_path, recipe_file):
     recipe = recipe_file(tmp_path, "z3", 3, max_steps=4)
     launch(recipe)
     run = tmp_path / "z3"

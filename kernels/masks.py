@@ -215,7 +215,7 @@ def build_context(
 # predicate ``(b, h, q_idx, kv_idx) -> bool tensor``; patterns are these combined with
 # and_masks / or_masks (the style of transformers.masking_utils). ``h`` is the head index the
 # caller passes in: a caller holding a slice of the heads adds its offset to ``h`` and passes
-# the global head count (docs/algorithms.md, "Sequence parallelism").
+# the global head count (docs/algorithms.md section 10).
 def and_masks(*predicates):
     """Predicate true where every one of ``predicates`` is."""
 

@@ -3,7 +3,7 @@
 Plain data without torch, so the recipe schema (finetune/recipe.py) can take its choices and
 defaults from here without importing the kernels. kernels/masks.py turns a layer spec into a
 mask predicate; kernels/layout.py, the caches, export and eval ask these groups which patterns
-stay at inference. Definitions and figures: docs/algorithms.md, "Attention patterns".
+stay at inference. Definitions and figures: docs/algorithms.md section 1.
 """
 
 from __future__ import annotations

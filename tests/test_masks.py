@@ -1,4 +1,4 @@
-"""Mask predicates: the hand-checkable cases of algorithms.md, causality, composition."""
+"""Mask predicates: the hand-checkable cases of docs/algorithms.md, causality, composition."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def visible(spec, n=16, heads=4, ctx=None):
     return lambda h, i, b=0: m[b, h, i].nonzero().flatten().tolist()
 
 
-# ---------------------------------------------------------------- algorithms.md section 2, exactly
+# ---------------------------------------------------------------- docs/algorithms.md section 3, exactly
 @pytest.mark.parametrize(
     "head,query,keys",
     [
@@ -36,7 +36,7 @@ def test_sf_attn_hand_cases(head, query, keys):
 
 
 def test_s2_attn_table():
-    """Section 1: h < H/2 in fixed groups, h >= H/2 in groups offset by S; no sinks."""
+    """docs/algorithms.md section 2: h < H/2 in fixed groups, h >= H/2 in groups offset by S; no sinks."""
     see = visible({"pattern": "s2_attn", "group_ratio": 0.25})
     for i in range(16):
         assert see(0, i) == [j for j in range(i + 1) if i // 4 == j // 4]

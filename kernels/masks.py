@@ -310,12 +310,18 @@ def one_group(ctx: MaskContext, group_ratio: float):
 
 def local_blocks(ctx: MaskContext, block_size: int, count: int):
     """Key block within ``count`` blocks of the query's (``q//B - k//B < count``, on ``p``)."""
-    return lambda b, h, q_idx, kv_idx: ctx.p_q[b, q_idx] // block_size - ctx.p_k[b, kv_idx] // block_size < count
+    def allowed(b, h, q_idx, kv_idx):
+        return ctx.p_q[b, q_idx] // block_size - ctx.p_k[b, kv_idx] // block_size < count
+
+    return allowed
 
 
 def strided_blocks(ctx: MaskContext, block_size: int, stride: int, step: int):
     """Key block is head h's strided column: ``(k//B + 1 + h * step) % stride == 0``."""
-    return lambda b, h, q_idx, kv_idx: torch.remainder(ctx.p_k[b, kv_idx] // block_size + 1 + h * step, stride) == 0
+    def allowed(b, h, q_idx, kv_idx):
+        return torch.remainder(ctx.p_k[b, kv_idx] // block_size + 1 + h * step, stride) == 0
+
+    return allowed
 
 
 def pattern_mask_mod(spec: dict, ctx: MaskContext, num_heads: int):
@@ -330,16 +336,16 @@ def pattern_mask_mod(spec: dict, ctx: MaskContext, num_heads: int):
         extra = [one_group(ctx, ratio)]
         if int(spec["num_sink_tokens"]):
             extra.append(sinks(ctx, int(spec["num_sink_tokens"])))
-        if spec["wrap"] == "roll":
+        if spec["wrap"] == "roll":  # the rolled groups carry their own (leaking) causality
             return or_masks(rolled_groups(ctx, ratio, first_shifted), and_masks(causal(ctx), or_masks(*extra)))
         return and_masks(causal(ctx), or_masks(groups(ctx, ratio, first_shifted), *extra))
     if pattern == "sink_window":
         return and_masks(causal(ctx), or_masks(sinks(ctx, int(spec["num_sink_tokens"])),
                                                window(ctx, int(spec["window"]))))
     if pattern == "block_sparse":
-        B = int(spec["block_size"])
+        B, step = int(spec["block_size"]), head_step(spec, num_heads)
         return and_masks(causal(ctx), or_masks(local_blocks(ctx, B, int(spec["local_blocks"])),
-                                               strided_blocks(ctx, B, int(spec["stride"]), head_step(spec, num_heads))))
+                                               strided_blocks(ctx, B, int(spec["stride"]), step)))
     raise ValueError(f"pattern: unknown pattern {pattern!r} (valid: {', '.join(PATTERNS)})")
 
 
@@ -376,9 +382,11 @@ def head_positions_mask(spec: dict, batch: int, q_len: int, head_positions: torc
     rep = num_heads // kv_heads
     masks = []
     for g in range(kv_heads):
-        ctx = build_context(batch, q_len, k_len, head_positions.device, kv_positions=head_positions[:, g], **context)
+        ctx = build_context(batch, q_len, k_len, head_positions.device, kv_positions=head_positions[:, g],
+                            **context)
         m = dense_mask(spec, ctx, num_heads)
-        masks.append(m[:, g * rep:(g + 1) * rep] if m.shape[1] == num_heads else m.expand(batch, rep, q_len, k_len))
+        masks.append(m[:, g * rep:(g + 1) * rep] if m.shape[1] == num_heads
+                     else m.expand(batch, rep, q_len, k_len))
     return torch.cat(masks, dim=1)
 
 

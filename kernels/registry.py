@@ -167,8 +167,9 @@ def _per_head_positions(module, q, k, v, spec, attention_mask, kwargs, observer,
 
     B, H, Lq, _ = q.shape
     rep = H // k.shape[1]
-    mask = head_positions_mask(spec, B, Lq, kwargs["longtune_kv_head_positions"], H, attention_mask=attention_mask,
-                               position_ids=kwargs.get("position_ids"), cross_document=cross)
+    mask = head_positions_mask(spec, B, Lq, kwargs["longtune_kv_head_positions"], H,
+                               attention_mask=attention_mask, position_ids=kwargs.get("position_ids"),
+                               cross_document=cross)
     if observer is None:
         safe = mask | ~mask.any(dim=-1, keepdim=True)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=safe, scale=scale,

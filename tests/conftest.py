@@ -133,7 +133,9 @@ def _recipe_dict(run_dir: Path, kind: str = "sf_attn", kv_cache: dict | None = N
     return d
 
 
-def _make_run(root: Path, kind: str = "sf_attn", kv_cache: dict | None = None, layers: int = 2, seed: int = 0) -> Path:
+def _make_run(
+    root: Path, kind: str = "sf_attn", kv_cache: dict | None = None, layers: int = 2, seed: int = 0
+) -> Path:
     from data_prep.assets import load_tokenizer
     from finetune.model import build_config, build_model
     from finetune.recipe import validate

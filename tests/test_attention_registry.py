@@ -26,7 +26,8 @@ H, HKV = 4, 2
 
 # ---------------------------------------------------------------- hand-built reference
 def hand_mask(spec, n_real, L, heads):
-    """Loops over the tables of docs/algorithms.md sections 2-4, right padding: sample b has n_real[b] tokens."""
+    """Loops over the tables of docs/algorithms.md sections 2-4; right padding: sample b has
+    n_real[b] tokens."""
     m = torch.zeros(len(n_real), heads, L, L, dtype=torch.bool)
     for b, n in enumerate(n_real):
         for h in range(heads):

@@ -241,7 +241,9 @@ def test_full_finetune_run_exports_its_weights(tmp_path, recipe_dict, prompt_ids
     exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "full" / "final"), dtype=torch.float32).eval()
     with torch.no_grad():
-        torch.testing.assert_close(exported(input_ids=prompt_ids).logits, ref(input_ids=prompt_ids).logits, atol=0, rtol=0)
+        torch.testing.assert_close(
+            exported(input_ids=prompt_ids).logits, ref(input_ids=prompt_ids).logits, atol=0, rtol=0
+        )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rope_parameters"]["factor"] == 2.0
     assert {l["pattern"] for l in cfg["longtune_attention"]["layers"]} == {"causal"}

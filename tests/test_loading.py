@@ -64,7 +64,9 @@ def test_run_final_loads_like_the_export(sf_run, export_dir, prompt_ids):
     assert a.config.longtune_attention == b.config.longtune_attention
     assert a.longtune_kv_cache["method"] == b.longtune_kv_cache["method"] == "sink"
     with torch.no_grad():
-        torch.testing.assert_close(a(input_ids=prompt_ids).logits, b(input_ids=prompt_ids).logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            a(input_ids=prompt_ids).logits, b(input_ids=prompt_ids).logits, atol=1e-5, rtol=1e-4
+        )
 
 
 def test_tokenizer_and_dtype(export_dir):

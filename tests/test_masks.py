@@ -167,6 +167,14 @@ def test_roll_reproduction_mode_leaks():
     assert not m[0, 0].triu(1).any()  # unshifted heads unaffected
 
 
+def test_roll_mode_keeps_the_sinks():
+    """SF-Attn with wrap: roll = rolled groups (with their leak) OR causal sinks."""
+    see = visible({**SF, "wrap": "roll"})
+    assert see(0, 9) == [0, 1, 2, 3, 8, 9]  # unshifted: group {8, 9} plus sinks
+    assert see(3, 0) == [0, 14, 15]  # shifted query 0: the leak, and itself as a sink
+    assert see(3, 5) == [0, 1, 2, 3, 4, 5]
+
+
 def test_predicate_works_with_scalar_indices():
     """FlexAttention calls the predicate with 0-d tensors."""
     spec = resolve_spec(SF)

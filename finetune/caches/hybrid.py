@@ -43,8 +43,8 @@ class BlockSparseLayer(CompactLayer):
 
     def __init__(self, block_size: int, local_blocks: int, stride: int, num_heads: int, head_step=None, **kw):
         super().__init__()
-        self.spec = resolve_spec({"pattern": "block_sparse", "block_size": int(block_size),
-                                  "local_blocks": int(local_blocks), "stride": int(stride), "head_step": head_step})
+        self.spec = resolve_spec({"pattern": "block_sparse", "block_size": int(block_size), "head_step": head_step,
+                                  "local_blocks": int(local_blocks), "stride": int(stride)})
         self.num_heads = int(num_heads)
         # Beyond the local blocks, whether a key block is visible repeats with period `stride`:
         # one period of key blocks seen from a query past its local blocks decides.
@@ -77,7 +77,8 @@ def layer_for(entry: dict, num_heads: int):
         return FullLayer()
     if pattern == "sink_window":
         return SinkWindowLayer(spec["window"], spec["num_sink_tokens"])
-    return BlockSparseLayer(spec["block_size"], spec["local_blocks"], spec["stride"], num_heads, spec["head_step"])
+    return BlockSparseLayer(spec["block_size"], spec["local_blocks"], spec["stride"], num_heads,
+                            spec["head_step"])
 
 
 def layout_of(config) -> dict | None:

@@ -2,10 +2,15 @@
 
 Every pattern is a predicate ``allowed(b, h, q_idx, kv_idx) -> bool tensor`` built by
 :func:`mask_mod` from a layer spec (one entry of ``config.longtune_attention["layers"]``) and a
-:class:`MaskContext` (where each query/key sits in its sample). The same function serves
-FlexAttention's ``create_block_mask`` (scalar tensor indices) and, through broadcasting, the
-dense boolean mask of :func:`dense_mask`; the fast backends gather a superset of the allowed
-keys and evaluate the same predicate on it, so there is one definition to get right.
+:class:`MaskContext` (where each query/key sits in its sample): small predicates (causal,
+padding, same document, sinks, window, groups, local and strided blocks) combined with
+:func:`and_masks` / :func:`or_masks`, as in transformers' masking_utils. The same function
+serves FlexAttention's ``create_block_mask`` (scalar tensor indices) and, through broadcasting,
+the dense boolean mask of :func:`dense_mask`; the fast backends gather a superset of the allowed
+keys and evaluate the same predicate on it; the caches ask :func:`still_visible` which keys a
+layer can still see and the sink statistics build their masks with :func:`dense_mask`. So there
+is one definition to get right (docs/algorithms.md section 1). Pattern names, groups and
+defaults: kernels/patterns.py.
 
 Coordinates (see docs/kernels.md):
 - ``t``: index of a token among its sample's real (unpadded) tokens; with a cache, the absolute
@@ -73,6 +78,7 @@ def num_shifted_heads(spec: dict, num_heads: int) -> int:
 
 
 def head_step(spec: dict, num_heads: int) -> int:
+    """block_sparse's per-head shift of the strided column; null = max(1, stride // heads)."""
     step = spec.get("head_step")
     return max(1, int(spec["stride"]) // num_heads) if step is None else int(step)
 

@@ -179,3 +179,9 @@ def test_hybrid_beam_search_and_num_return_sequences(reference_llama):
             want = m.generate(ids, cache=DynamicCache(), **kw, **extra)
             torch.manual_seed(1)
             assert torch.equal(m.generate(ids, cache=HybridCache(m.config), **kw, **extra), want)
+
+
+def test_bad_layer_spec_error_names_the_layer(reference_llama):
+    m = reference_llama([SW, {"pattern": "sink_window", "windw": 4}])
+    with pytest.raises(ValueError, match=r"config\.longtune_attention\.layers\[1\].*windw"):
+        HybridCache(m.config)

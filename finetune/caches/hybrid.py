@@ -23,7 +23,7 @@ import torch
 
 from kernels.layout import is_hybrid
 from kernels.masks import inference_spec, resolve_spec, still_visible
-from kernels.patterns import FULL, PATTERNS
+from kernels.patterns import FULL
 
 from .base import CompactLayer, FullLayer, PositionedCache
 from .sink_window import SinkWindowLayer
@@ -66,16 +66,13 @@ class BlockSparseLayer(CompactLayer):
         return keys, values, pos
 
 
-def layer_for(entry: dict, num_heads: int):
-    """Cache layer for one entry of `config.longtune_attention["layers"]` (defaults and checks:
-    kernels.masks.resolve_spec)."""
-    pattern = entry.get("pattern", "causal")
-    if pattern not in PATTERNS:
-        raise ValueError(f"longtune_attention: unknown pattern '{pattern}' (valid: {PATTERNS})")
-    spec = inference_spec(resolve_spec(entry, "longtune_attention.layers[]"))
+def layer_for(entry: dict, num_heads: int, where: str = "config.longtune_attention.layers[]"):
+    """Cache layer for one entry of `config.longtune_attention["layers"]` (defaults and errors
+    naming `where`: kernels.masks.resolve_spec)."""
+    spec = inference_spec(resolve_spec({"pattern": "causal", **entry}, where))
     if spec["pattern"] in FULL:
         return FullLayer()
-    if pattern == "sink_window":
+    if spec["pattern"] == "sink_window":
         return SinkWindowLayer(spec["window"], spec["num_sink_tokens"])
     return BlockSparseLayer(spec["block_size"], spec["local_blocks"], spec["stride"], num_heads,
                             spec["head_step"])
@@ -103,5 +100,6 @@ class HybridCache(PositionedCache):
             raise ValueError(
                 f"config.longtune_attention has {len(entries)} layers, the model {config.num_hidden_layers}"
             )
-        super().__init__([layer_for(e, config.num_attention_heads) for e in entries])
+        heads = config.num_attention_heads
+        super().__init__([layer_for(e, heads, f"config.longtune_attention.layers[{i}]") for i, e in enumerate(entries)])
         self.patterns = [e.get("pattern", "causal") for e in entries]

@@ -72,10 +72,8 @@ def _forward_kwargs(model) -> dict:
 
 
 def _is_hf(model) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return False
+    from transformers import PreTrainedModel
+
     return isinstance(model, PreTrainedModel)
 
 

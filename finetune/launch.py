@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             prepare(recipe)
         cmd, env = command(resolved, recipe, a.ngpus, a.hostfile)
     except (RecipeError, ValueError, FileNotFoundError) as e:  # DataError is a ValueError
+        from finetune.cli import debug
+
+        if debug():
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("[longtune] " + " ".join(cmd), flush=True)

@@ -238,6 +238,10 @@ class TrainingSection(Section):
     save_total_limit: int | None = Field(default=2, gt=0)
     eval_steps: int | None = Field(default=None, gt=0)
     dataloader_num_workers: int = Field(default=0, ge=0)
+    #: Deterministic kernels (transformers' full_determinism: torch.use_deterministic_algorithms
+    #: and CUBLAS_WORKSPACE_CONFIG). Needed for bit-identical reruns on a GPU; slower, and an
+    #: operation without a deterministic kernel raises. CPU runs are deterministic without it.
+    deterministic: bool = False
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
 
 

@@ -180,6 +180,34 @@ def identity_hash(recipe) -> str:
     return hashlib.sha256(json.dumps(identity(recipe), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def base_fingerprint(recipe) -> str | None:
+    """Identity of a base read from a local folder (the demo's pretrained model): the id its
+    longtune training wrote, else a hash of its config and weight files' sizes and times.
+    None for Hub ids and inline configs. A run records it; retraining the base makes the run
+    another run, instead of resuming (or reusing) one trained on different weights."""
+    name = recipe.model.name_or_path
+    if not name or not Path(name).is_dir():
+        return None
+    p = Path(name)
+    meta = model_meta(p)
+    if meta is not None and meta.get("model_id"):
+        return str(meta["model_id"])
+    h = hashlib.sha256()
+    for f in sorted(p.glob("*.json")) + sorted(p.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def trained_base_fingerprint(run_dir: str | Path) -> str | None:
+    """The base fingerprint recorded by the run's newest model record (final/ or checkpoint)."""
+    for d in [final_dir(run_dir), *reversed(checkpoints(run_dir))]:
+        meta = model_meta(d)
+        if meta is not None and "base_fingerprint" in meta:
+            return meta["base_fingerprint"]
+    return None
+
+
 def saved_recipe(run_dir: str | Path):
     """The run's resolved recipe.yaml as a Recipe, or None when there is none."""
     path = recipe_file(run_dir)
@@ -364,6 +392,8 @@ def export_staleness(export_dir: str | Path, run_dir: str | Path | None = None) 
             return f"{export_dir} is older than {final_dir(run_dir)} (trained again after the export)"
         return None
     if kind == FINAL:
+        if now_final is None and not has_state(run_dir):
+            return None  # nothing trained here (a folder holding only a recipe): nothing to compare
         if now_final is None:
             return (f"{export_dir} was exported from {final_dir(run_dir)}, which no longer exists "
                     "(the run was cleared or restarted)")  # fmt: skip
@@ -422,6 +452,9 @@ def check_run_dir(recipe, overwrite: bool = False) -> list[Path]:
         return gone
     if old is not None:
         diff = _diff(identity(old), identity(recipe))
+        trained = trained_base_fingerprint(run_dir)
+        if not diff and trained is not None and trained != base_fingerprint(recipe):
+            diff = ["model.name_or_path (the base folder was rewritten since this run trained on it)"]
     else:
         diff = [f"<no readable {RECIPE_FILE} in the run directory>"]
     if not diff:

@@ -20,7 +20,9 @@ from finetune.recipe import Recipe, RecipeError, load_recipe
 
 from finetune.rundir import (  # noqa: F401  (check_run_dir, write_resolved: the trainer's public names)
     MODEL_META,
+    RUN_FILE,
     already_finished,
+    base_fingerprint,
     check_run_dir,
     finished_message,
     identity_hash,
@@ -68,6 +70,7 @@ def training_arguments(recipe: Recipe, has_eval: bool):
         report_to=t.report_to,
         seed=recipe.seed,
         data_seed=recipe.seed,
+        full_determinism=t.deterministic,
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_num_workers,
         deepspeed=deepspeed_config(recipe),
@@ -121,6 +124,7 @@ def model_meta_dict(recipe: Recipe, base_config, global_step: int | None) -> dic
         "kind": recipe.kind,
         "lora_mode": recipe.lora.mode,
         "recipe_hash": identity_hash(recipe),
+        "base_fingerprint": base_fingerprint(recipe),
         # A new id per folder written: an export records it, and is stale once it changes.
         "model_id": new_model_id(),
         "global_step": global_step,
@@ -303,10 +307,26 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
             "trainable_params": trainable,
             "total_params": total,
             "recipe_hash": identity_hash(recipe),
+            # What decides the numbers besides the recipe (docs/reproducibility.md).
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "torch_threads": torch.get_num_threads(),
+            "versions": _versions(),
         }
-        write_json(Path(recipe.run_dir) / "run.json", status)
+        write_json(Path(recipe.run_dir) / RUN_FILE, status)
         print(f"[longtune] saved {final}")
     return final
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "deepspeed", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -275,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         out = export_run(a.run_dir, a.output, force=a.force, dtype=a.dtype, checkpoint=a.checkpoint,
                          max_shard_size=a.max_shard_size, overrides=a.overrides)  # fmt: skip
     except (ExportError, ValueError, FileNotFoundError) as e:
+        from finetune.cli import debug
+
+        if debug():
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {out}")

@@ -44,7 +44,6 @@ def interpolation_only(base_dir: Path, out: Path, target: int) -> Path:
 
     from finetune.model import apply_rope
     from finetune.recipe import RopeSection
-
     from finetune.rundir import MODEL_META, atomic_dir
 
     with atomic_dir(out) as tmp:

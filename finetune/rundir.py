@@ -276,7 +276,11 @@ def resume_point(run_dir: str | Path) -> tuple[Path | None, list[Path]]:
     ckpts = checkpoints(run_dir)
     complete = [p for p in ckpts if is_complete(p)]
     last = complete[-1] if complete else None
-    newer = [p for p in ckpts if not is_complete(p) and (last is None or checkpoint_step(p) > checkpoint_step(last))]
+    newer = [
+        p
+        for p in ckpts
+        if not is_complete(p) and (last is None or checkpoint_step(p) > checkpoint_step(last))
+    ]
     return last, newer
 
 
@@ -398,7 +402,9 @@ def export_staleness(export_dir: str | Path, run_dir: str | Path | None = None) 
             return (f"{export_dir} was exported from {final_dir(run_dir)}, which no longer exists "
                     "(the run was cleared or restarted)")  # fmt: skip
         if now_final != info.get("source_id"):
-            return f"{export_dir} was exported from an earlier {final_dir(run_dir)} (the run was trained again)"
+            return (
+                f"{export_dir} was exported from an earlier {final_dir(run_dir)} (the run was trained again)"
+            )
         return None
     src = run_dir / str(info.get("source", ""))
     if _file_digest(src / TRAINER_STATE) != info.get("source_id"):
@@ -462,7 +468,7 @@ def check_run_dir(recipe, overwrite: bool = False) -> list[Path]:
     shown = ", ".join(diff[:6]) + (" ..." if len(diff) > 6 else "")
     raise RecipeError(
         f"run_dir {run_dir} holds a checkpoint of another recipe (differs in: {shown}). "
-        f"Choose another run_dir, or pass overwrite=true (make train ARGS=\"overwrite=true\" / "
+        f'Choose another run_dir, or pass overwrite=true (make train ARGS="overwrite=true" / '
         f"longtune train --overwrite) to delete its checkpoints, final/, export/ and eval/ and start again."
     )
 

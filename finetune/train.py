@@ -17,8 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 from finetune.recipe import Recipe, RecipeError, load_recipe
-
-from finetune.rundir import (  # noqa: F401  (check_run_dir, write_resolved: the trainer's public names)
+from finetune.rundir import (
     MODEL_META,
     RUN_FILE,
     already_finished,

@@ -51,9 +51,7 @@ def test_train_overrides_before_or_after_flags(args, capsys, monkeypatch):
 
 
 # --------------------------------------------------------------------------- 10.7 offline Hub recipes
-HUB_RECIPES = sorted(
-    p.name for p in RECIPES_DIR.glob("*.yaml") if "meta-llama/" in p.read_text()
-)
+HUB_RECIPES = sorted(p.name for p in RECIPES_DIR.glob("*.yaml") if "meta-llama/" in p.read_text())
 #: Published total parameter counts (embeddings and head included) of the tabled bases.
 PUBLISHED_PARAMS = {"meta-llama/Llama-2-7b-hf": 6_738_415_616, "meta-llama/Meta-Llama-3-8B": 8_030_261_248}
 
@@ -97,7 +95,9 @@ def test_dry_run_of_hub_recipes_works_offline_and_says_so(name, capsys, monkeypa
 def test_unknown_hub_model_offline_is_a_clear_error(tmp_path, capsys, monkeypatch):
     import finetune.model as fm
 
-    monkeypatch.setattr(fm.AutoConfig, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(
+        fm.AutoConfig, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("offline"))
+    )
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump({"model": {"name_or_path": "someone/unknown-7b"}}))
     assert main(["train", str(p), "--dry-run"]) == 2
@@ -198,7 +198,7 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 
 
 def test_unexpected_exception_is_one_paragraph(monkeypatch, capsys):
-    import finetune.launch as launch
+    from finetune import launch
 
     def boom(argv):
         raise KeyError("something internal")

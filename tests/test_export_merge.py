@@ -256,9 +256,8 @@ def test_checkpoint_of_unfinished_run_with_path_base(tmp_path):
     """No final/ yet (stopped early): --checkpoint reads the record train wrote into it."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from finetune.model import build_model
+    from finetune.model import build_config, build_model
     from finetune.recipe import validate
-    from finetune.model import build_config
     from finetune.rundir import write_json
     from finetune.train import model_meta_dict, write_resolved
     from tests.test_export_fixtures import TINY, recipe_dict

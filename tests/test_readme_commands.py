@@ -63,7 +63,9 @@ def run_cmd(cmd: str, work: Path, env: dict, capfd) -> tuple[int, str, str]:
     words = shlex.split(cmd)
     argv = words[words.index("finetune.cli") + 1 :]
     if argv[0] == "train" and "--dry-run" not in argv:
-        p = subprocess.run(cmd, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        p = subprocess.run(
+            cmd, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=900, check=False
+        )
         return p.returncode, p.stdout, p.stderr
     from finetune.cli import main
 

@@ -168,7 +168,9 @@ def test_checkpoint_export_goes_stale_when_the_checkpoint_or_final_changes(run_c
             shutil.copy(f, ck)
     out = export_run(run, dtype="float32", checkpoint=True)
     info = json.loads((out / rundir.EXPORT_INFO).read_text())
-    assert info["source"] == "checkpoint-3" and info["source_step"] == 3 and info["source_kind"] == "checkpoint"
+    assert (
+        info["source"] == "checkpoint-3" and info["source_step"] == 3 and info["source_kind"] == "checkpoint"
+    )
     assert rundir.export_staleness(out) is None
     (ck / "trainer_state.json").write_text(json.dumps({"global_step": 3, "rewritten": True}))
     assert "has changed" in rundir.export_staleness(out)
@@ -281,7 +283,9 @@ def test_training_arguments_raise_no_future_warning(tmp_path):
     from finetune.recipe import load_recipe
     from finetune.train import training_arguments
 
-    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"run_dir={tmp_path / 'r'}", "deepspeed.config=null"])
+    recipe = load_recipe(
+        REPO / "recipes" / "tiny.yaml", [f"run_dir={tmp_path / 'r'}", "deepspeed.config=null"]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)

@@ -290,12 +290,19 @@ def has_state(run_dir: str | Path) -> bool:
 
 
 def finished_step(run_dir: str | Path) -> int | None:
-    """The step a finished run ended at (run.json `done` and final/ present), else None."""
-    status = run_status(run_dir)
-    if not status or status.get("status") != "done" or model_meta(final_dir(run_dir)) is None:
+    """The step a finished run ended at, else None: final/ present and run.json `done`, or
+    (killed between the two writes) final/'s own record of the step it was saved at."""
+    meta = model_meta(final_dir(run_dir))
+    if meta is None:
         return None
-    step = status.get("global_step")
-    return int(step) if isinstance(step, int) else None
+    status = run_status(run_dir) or {}
+    for step in (
+        status.get("global_step") if status.get("status") == "done" else None,
+        meta.get("global_step"),
+    ):
+        if isinstance(step, int) and not isinstance(step, bool):
+            return step
+    return None
 
 
 def derived_paths(run_dir: str | Path, recipe=None) -> list[Path]:

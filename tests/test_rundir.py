@@ -221,7 +221,11 @@ def test_finished_run_and_base_fingerprint(run_copy, tmp_path):
     run = run_copy
     recipe = rundir.saved_recipe(run)
     recipe.run_dir = str(run)  # recipe.yaml names the run it was copied from
-    assert rundir.already_finished(recipe) is None  # no run.json
+    assert rundir.already_finished(recipe) is None  # no run.json, no step in final/'s record
+    meta = json.loads((run / "final" / rundir.MODEL_META).read_text())
+    rundir.write_json(run / "final" / rundir.MODEL_META, {**meta, "global_step": recipe.training.max_steps})
+    assert rundir.already_finished(recipe) == recipe.training.max_steps  # killed before run.json
+    rundir.write_json(run / "final" / rundir.MODEL_META, meta)
     (run / "run.json").write_text(json.dumps({"status": "done", "global_step": recipe.training.max_steps}))
     assert rundir.already_finished(recipe) == recipe.training.max_steps
     assert "already finished" in rundir.finished_message(recipe, recipe.training.max_steps)
@@ -277,7 +281,7 @@ def test_export_reads_the_runs_record_not_the_recipe():
 
 
 # --------------------------------------------------------------------------- warnings (10.13)
-def test_training_arguments_raise_no_future_warning(tmp_path):
+def test_training_arguments_raise_no_future_warning(tmp_path, monkeypatch):
     import warnings
 
     from finetune.recipe import load_recipe
@@ -286,6 +290,8 @@ def test_training_arguments_raise_no_future_warning(tmp_path):
     recipe = load_recipe(
         REPO / "recipes" / "tiny.yaml", [f"run_dir={tmp_path / 'r'}", "deepspeed.config=null"]
     )
+    # training_arguments sets it for the rank process; undone here so later launches don't inherit it
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "r" / "logs"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)

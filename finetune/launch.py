@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the resolved recipe, parameter count and memory estimate")
     ap.add_argument("--ngpus", type=int, default=None)
     ap.add_argument("--hostfile", default=None)
-    ap.add_argument("--overwrite", action="store_true", help="delete another recipe's checkpoints in run_dir")
+    ap.add_argument("--overwrite", action="store_true", help="delete what a previous run in run_dir produced (checkpoints, final/, export/, eval/, logs) and start again")
     a = ap.parse_intermixed_args(argv)  # overrides before or after the flags
     overrides = list(a.overrides)
     overwrite = a.overwrite

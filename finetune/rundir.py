@@ -150,13 +150,16 @@ def is_model_dir(p: str | Path) -> bool:
 
 
 def model_dir(path: str | Path) -> Path:
-    """Which folder is the model: `path` itself, else its export/, else its final/."""
+    """Which folder is the model: `path` itself, else its export/ (unless stale: the run was
+    trained again after it), else its final/."""
     p = Path(path)
     if is_model_dir(p):
         return p
     for sub in (EXPORT, FINAL):
-        if is_model_dir(p / sub):
+        if is_model_dir(p / sub) and not (sub == EXPORT and export_staleness(p / sub, p)):
             return p / sub
+    if is_model_dir(p / EXPORT):
+        raise FileNotFoundError(stale_message(export_staleness(p / EXPORT, p), p))
     raise FileNotFoundError(f"{p} is not an exported model, a run directory or a run's final/")
 
 

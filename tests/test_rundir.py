@@ -145,7 +145,7 @@ def test_export_records_its_source_and_goes_stale_when_final_is_rewritten(run_co
     meta = json.loads((run / "final" / rundir.MODEL_META).read_text())
     assert info["source"] == "final" and info["source_kind"] == "final"
     assert info["source_id"] == meta["model_id"]
-    assert rundir.export_staleness(out) is None
+    assert rundir.export_staleness(out) is None and rundir.model_dir(run) == out
     assert push_mod.main([str(run), "--repo", "me/x", "--dry-run"]) == 0
     # Trained again (final/ rewritten with a new id): the export no longer is the model.
     meta["model_id"] = rundir.new_model_id()
@@ -154,6 +154,8 @@ def test_export_records_its_source_and_goes_stale_when_final_is_rewritten(run_co
     capsys.readouterr()
     assert push_mod.main([str(run), "--repo", "me/x", "--dry-run"]) == 2
     assert "longtune export" in capsys.readouterr().err
+    # Loading the run picks the current final/, not the stale export.
+    assert rundir.model_dir(run) == run / "final"
     from finetune.eval.runner import EvalError, tuned_path
 
     with pytest.raises(EvalError, match="earlier"):

@@ -147,7 +147,7 @@ def test_push_run_dir_finds_the_recipes_export_output_dir(exp, sf_run, tmp_path,
     raw = yaml.safe_load((sf_run / "recipe.yaml").read_text())
     raw.setdefault("export", {})["output_dir"] = str(exp)
     (run / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    assert push_mod.resolve_export_dir(run) == exp
+    assert push_mod.resolve_export_dir(run) == (exp, run)
     assert push_mod.main([str(run), "--repo", "me/x", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert str(exp) in out and "kv_cache_config.json" in out

@@ -81,6 +81,7 @@ def test_force_and_atomicity(sf_run, tmp_path, monkeypatch):
     out = tmp_path / "exp"
     out.mkdir()
     (out / "keep.txt").write_text("old")
+    (out / "longtune_export.json").write_text("{}")  # an earlier export: ours to replace with --force
     with pytest.raises(ExportError, match="--force"):
         export_run(sf_run, out)
     assert main([str(sf_run), "--output", str(out)]) == 2  # CLI: clear error, exit 2
@@ -142,6 +143,7 @@ def test_checkpoint_from_deepspeed_zero3_state(sf_run, tmp_path, monkeypatch):
         save_file({k: torch.empty(0) for k in real}, str(ck / "adapter_model.safetensors"))
         (ck / "latest").write_text(f"global_step{step}")
         (ck / f"global_step{step}").mkdir()
+        (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))  # complete
     seen = []
 
     def fake_zero(path, tag=None, exclude_frozen_parameters=False, lazy_mode=False):
@@ -172,7 +174,7 @@ def test_checkpoint_from_deepspeed_zero3_state(sf_run, tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for k, v in a.items():
         torch.testing.assert_close(v, b[k], atol=0, rtol=0)
-    with pytest.raises(ExportError, match="no checkpoint-N"):
+    with pytest.raises(ExportError, match="no complete checkpoint-N"):
         merge.newest_checkpoint(tmp_path)
 
 
@@ -251,12 +253,13 @@ def test_full_finetune_run_exports_its_weights(tmp_path, recipe_dict, prompt_ids
 
 
 def test_checkpoint_of_unfinished_run_with_path_base(tmp_path, recipe_dict, prompt_ids, tiny_llama_config):
-    """No final/ yet (stopped early): --checkpoint rebuilds the run config from recipe.yaml."""
+    """No final/ yet (stopped early): --checkpoint reads the record train wrote into it."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from finetune.model import build_model
+    from finetune.model import build_config, build_model
     from finetune.recipe import validate
-    from finetune.train import write_resolved
+    from finetune.rundir import write_json
+    from finetune.train import model_meta_dict, write_resolved
 
     base_dir = tmp_path / "base-model"
     torch.manual_seed(0)
@@ -274,7 +277,13 @@ def test_checkpoint_of_unfinished_run_with_path_base(tmp_path, recipe_dict, prom
             if "lora_B" in n:
                 p.add_(0.1)
     write_resolved(recipe)
-    model.save_pretrained(str(tmp_path / "run" / "checkpoint-5"))
+    ck = tmp_path / "run" / "checkpoint-5"
+    model.save_pretrained(str(ck))
+    (ck / "trainer_state.json").write_text(json.dumps({"global_step": 5}))
+    with pytest.raises(ExportError, match="has no longtune_model.json"):
+        export_run(tmp_path / "run", tmp_path / "out", dtype="float32", checkpoint=True)
+    # What CheckpointMeta writes into every checkpoint during training.
+    write_json(ck / "longtune_model.json", model_meta_dict(recipe, build_config(recipe), 5))
     with pytest.raises(ExportError, match="no final/"):
         export_run(tmp_path / "run", tmp_path / "x")
     out = export_run(tmp_path / "run", tmp_path / "out", dtype="float32", checkpoint=True)

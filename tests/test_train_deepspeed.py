@@ -122,15 +122,28 @@ def test_resume_matches_uninterrupted(zero2_run, tmp_path, recipe_file):
     first = recipe_file(zero2_run, "resumed", 2, max_steps=4)
     launch(first)
     assert (zero2_run / "resumed" / "checkpoint-4").is_dir()
+    # Then killed while saving a later checkpoint: its folder exists without trainer_state.json.
+    run = zero2_run / "resumed"
+    torn = run / "checkpoint-6"
+    torn.mkdir()
+    (torn / "adapter_config.json").write_text("{}")
+    # Finished at 4 steps; max_steps grown to 8: not "already finished", it trains on.
     second = recipe_file(zero2_run, "resumed", 2, max_steps=8)
     out = launch(second)
-    assert "resuming from" in out.stdout + out.stderr
-    a, b = adapter(zero2_run / "full"), adapter(zero2_run / "resumed")
+    text = out.stdout + out.stderr
+    assert "already finished" not in text
+    assert f"skipping incomplete checkpoint {torn}" in text and f"resuming from {run / 'checkpoint-4'}" in text
+    a, b = adapter(zero2_run / "full"), adapter(run)
     assert a.keys() == b.keys()
     for k in a:
         diff = (a[k] - b[k]).abs().max().item()
         # One optimizer step at lr 5e-3 moves weights by ~1e-3: 1e-5 separates "same run" from "resumed wrong".
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{k}: max abs diff {diff}")
+    # train_loss covers steps 1..8, not only the 4 after the resume (what the Trainer reports).
+    ref = json.loads((zero2_run / "full" / "run.json").read_text())["train_loss"]
+    got = json.loads((run / "run.json").read_text())["train_loss"]
+    after_resume = sum(losses(run)[4:8]) / 4
+    assert got == pytest.approx(ref, rel=1e-3) and abs(got - after_resume) > 0.01, (got, ref, after_resume)
 
 
 def test_zero3_saves_real_gathered_weights(tmp_path, recipe_file):
@@ -159,6 +172,17 @@ def test_zero3_saves_real_gathered_weights(tmp_path, recipe_file):
     assert torch.isfinite(model(ids).logits).all()
 
 
+def test_rerun_of_a_finished_run_is_a_no_op(zero2_run):
+    run = zero2_run / "full"
+    files = [run / "final" / "longtune_model.json", run / "final" / "adapter_model.safetensors", run / "run.json"]
+    before = [f.stat().st_mtime_ns for f in files]
+    ckpts = sorted(p.name for p in run.glob("checkpoint-*"))
+    out = launch(zero2_run / "full.yaml")
+    assert "already finished at step 8" in out.stdout
+    assert [f.stat().st_mtime_ns for f in files] == before
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ckpts
+
+
 def test_run_dir_of_another_recipe_is_refused(zero2_run):
     other = yaml.safe_load((zero2_run / "full.yaml").read_text())
     other["lora"]["r"] = 16
@@ -174,5 +198,10 @@ def test_run_dir_of_another_recipe_is_refused(zero2_run):
     same = yaml.safe_load((zero2_run / "full.yaml").read_text())
     same["training"]["max_steps"] = 100
     check_run_dir(validate(same))
+    (zero2_run / "full" / "export").mkdir()
+    (zero2_run / "full" / "export" / "longtune_export.json").write_text("{}")
+    (zero2_run / "full" / "eval").mkdir()
     check_run_dir(other_recipe, overwrite=True)
     assert not list((zero2_run / "full").glob("checkpoint-*"))
+    for gone in ("final", "export", "eval", "run.json", "logs"):
+        assert not (zero2_run / "full" / gone).exists(), gone

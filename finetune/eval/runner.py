@@ -133,6 +133,11 @@ def tuned_path(run_dir: Path, recipe) -> Path:
     cands.append(run_dir / "final")
     for c in cands:
         if (c / "config.json").is_file() or (c / "longtune_model.json").is_file():
+            from finetune.rundir import export_staleness, stale_message
+
+            stale = export_staleness(c, run_dir)  # None for final/ (no longtune_export.json)
+            if stale:
+                raise EvalError(stale_message(stale, run_dir))
             return c
     raise EvalError(
         f"{run_dir} has no exported model (export/config.json) and no trained final/ "

@@ -53,6 +53,7 @@ def run_dir(tmp_path, tiny_llama_config):
 
 
 def test_run_eval_end_to_end(run_dir, capsys):
+    exported = sorted(p.name for p in (run_dir / "export").iterdir())
     results = run_eval(run_dir, progress=False)
     out = run_dir / "eval"
     on_disk = json.loads((out / "results.json").read_text())
@@ -96,11 +97,15 @@ def test_run_eval_end_to_end(run_dir, capsys):
     assert "may have been seen in training" in md
     assert "ppl longlora 384" in capsys.readouterr().out  # the summary table printed at the end
     assert sorted(p.name for p in run_dir.iterdir()) == ["eval", "export", "recipe.yaml"]  # no temp dirs left
-    try:  # the export's model card picks the results up (when the card module exists)
-        import finetune.export.card  # noqa: F401
-    except ImportError:
-        return
-    assert "Evaluation" in (run_dir / "export" / "README.md").read_text()
+    # eval writes only under eval/: the export (and its card) is untouched ...
+    assert sorted(p.name for p in (run_dir / "export").iterdir()) == exported
+    # ... and the card, rendered from eval/results.json where it is written, shows the numbers
+    from finetune.export.card import render
+
+    card = render(run_dir / "export", run_dir / "eval")
+    assert "## Evaluation" in card and "### Perplexity vs context length" in card
+    ppl = results["suites"]["perplexity"]["results"]["tuned"]["longlora"]["384"]["ppl"]
+    assert f"{ppl:.3f}" in card
 
 
 def test_cli_subset_and_errors(run_dir, tmp_path, capsys):

@@ -96,6 +96,9 @@ def push(
 
     from huggingface_hub import HfApi
 
+    from finetune.export.card import refresh_card
+
+    refresh_card(export_dir.parent, export_dir)  # the card shows the run's latest eval/results.json
     token = token or os.environ.get("HF_TOKEN") or None  # None: the cached `hf auth login` token
     api = HfApi(token=token)
     url = api.create_repo(repo_id=repo, repo_type="model", private=private, exist_ok=True)

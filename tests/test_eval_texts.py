@@ -51,7 +51,7 @@ def test_eval_split_is_held_out(tmp_path):
     dd.save_to_disk(str(tmp_path / "data"))
     (tmp_path / "data" / "manifest.json").write_text(
         json.dumps({"tokenizer": {"name": "byte"}, "counts": {"train": 1, "eval": 2}, "seq_length": 16,
-                    "eval_split": {"by": "document", "documents": 2}})  # fmt: skip
+                    "eval_split": {"by": "document", "documents": 2}})
     )
     t = eval_text(tmp_path, _recipe(tmp_path))
     assert t.held_out is True and "eval split" in t.description and "2 whole documents" in t.description
@@ -137,7 +137,7 @@ def test_eval_split_with_repeated_documents_is_held_out(tmp_path):
 
 
 def test_row_split_of_older_manifest_is_not_called_held_out(tmp_path):
-    r, train, ev = _prepared(tmp_path, {"a": 6.0, "b": 40.0})
+    r, _train, _ev = _prepared(tmp_path, {"a": 6.0, "b": 40.0})
     f = tmp_path / "data" / "manifest.json"
     man = json.loads(f.read_text())
     del man["eval_split"]  # as written by a longtune that split packed rows

@@ -140,7 +140,7 @@ def _metrics(task_results: dict) -> dict:
     """``{"acc,none": 0.5, "acc_stderr,none": ..., "alias": ...}`` -> ``{"acc": 0.5, "acc_stderr": ...}``."""
     out = {}
     for k, v in task_results.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "sample_len":
             out[k.split(",")[0]] = float(v)
     return out
 

@@ -193,8 +193,8 @@ def lm_eval_md(res: dict) -> str:
     first = next(iter(res["results"].values()), {})
     used = ", ".join(f"{m}: {(r.get('kv_cache') or {}).get('method')}" for m, r in res["results"].items())
     parts = [
-        f"lm-evaluation-harness {first.get('version', '?')}; KV cache setting `{res.get('kv_cache_setting')}` "
-        f"({used}); limit {res.get('limit') or 'none'} documents per task."
+        (f"lm-evaluation-harness {first.get('version', '?')}; KV cache setting `{res.get('kv_cache_setting')}` "
+        f"({used}); limit {res.get('limit') or 'none'} documents per task.")
     ]
     rows = []
     for m, per in res["results"].items():

@@ -58,7 +58,9 @@ def answer_questions(
             out = model(input_ids=torch.tensor([[nxt]], device=device), cache=cache, use_cache=True)
             processed += 1
         answers.append(new)
-        cache.crop(n_ctx)
+        extra = cache.get_seq_length() - n_ctx
+        if extra > 0:
+            cache.crop(-extra)  # back to the context alone (transformers 5: a negative count to drop)
     return answers, processed
 
 

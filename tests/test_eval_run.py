@@ -188,3 +188,32 @@ def test_base_and_compare_models_load_their_own_paths(tmp_path, monkeypatch):
     loaded = {s.name: s.load() for s in specs}
     assert loaded["base"] == ("plain", str(tmp_path / "the-base"))
     assert loaded["a"] == ("any", "/x/a") and loaded["b"] == ("any", "/x/b")
+
+
+def test_cli_overrides_after_flags_and_one_paragraph_errors(run_dir, tmp_path, capsys):
+    """Regressions (issue 10): overrides after --suites/--lengths were swallowed; `eval.lengths=[]`
+    was a traceback; `--lengths 0` ran; a misspelled perplexity_source said "skipped" and replaced
+    the previous results. Every failure: exit 2, one paragraph, no traceback, results untouched."""
+    rc = main([str(run_dir), "--suites", "perplexity", "eval.perplexity_stride=32", "--lengths", "384",
+               "eval.perplexity_max_windows=1", "--no-progress", "--no-base"])  # fmt: skip
+    assert rc == 0
+    before = (run_dir / "eval" / "results.json").read_bytes()
+    res = json.loads(before)
+    assert res["eval_config"]["perplexity_stride"] == 32 and res["eval_config"]["perplexity_max_windows"] == 1
+    capsys.readouterr()
+    missing = tmp_path / "no-such-text.txt"
+    cases = [
+        (["eval.lengths=[]"], "eval.lengths"),
+        (["--lengths", "0"], "eval.lengths"),
+        (["--lengths", "many"], "eval.lengths"),
+        ([f"eval.perplexity_source={{type: text, path: {missing}}}"], "eval.perplexity_source"),
+        (["--text", str(missing)], "eval.perplexity_source"),
+        (["--suites", "perplexity", "nonsense"], "--suites"),
+        (["--suites", "lm_eval"], "eval.lm_eval_tasks"),
+    ]
+    for extra, key in cases:
+        rc = main([str(run_dir), "--no-progress", "--suites", "perplexity", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2, extra
+        assert key in err and "Traceback" not in err and "\n\n" not in err.strip(), (extra, err)
+        assert (run_dir / "eval" / "results.json").read_bytes() == before, extra

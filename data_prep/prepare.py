@@ -32,6 +32,8 @@ from data_prep.sources import read_source
 MANIFEST = "manifest.json"
 #: 2: the eval split holds whole documents chosen before packing and the mixture (1: packed rows).
 MANIFEST_VERSION = 2
+#: Held-out documents named per source in the manifest (`sources[].eval.where`), at most.
+EVAL_WHERE_LISTED = 200
 
 
 # --------------------------------------------------------------------------- identity
@@ -240,7 +242,12 @@ def build(recipe, scratch: Path, progress=None) -> tuple[dict, dict]:
             )
         held.append(kept[mask])
         train_kept.append(kept[~mask])
-        report["eval"] = {"docs": int(mask.sum()), "tokens": int(n[kept[mask]].sum())}
+        where = _col(tok, "_where")
+        report["eval"] = {
+            "docs": int(mask.sum()),
+            "tokens": int(n[kept[mask]].sum()),
+            "where": [str(where[j]) for j in sorted(kept[mask])[:EVAL_WHERE_LISTED]],
+        }
 
     # mixture: global document ids over the concatenated sources, drawn per source, then shuffled
     values_all, offsets_all, base = [], [], 0

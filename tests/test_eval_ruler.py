@@ -139,13 +139,20 @@ def test_grid_scores_and_averages(monkeypatch, mode):
     assert g["speed"]["prompt_tokens_unshared"] > g["speed"]["tokens_processed"] > 0
 
 
-def test_shared_prefill_answers_equal_separate_generation(tiny_llama_config):
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_shared_prefill_answers_equal_separate_generation(tiny_llama_config, hybrid):
+    """Also for a LongGen hybrid layout (a sink_window layer under the longtune attention)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from finetune.eval.prompts import greedy_answer
+    from kernels.layout import install_layout
 
+    cfg = LlamaConfig(**tiny_llama_config)
+    if hybrid:
+        install_layout(cfg, {"version": 1, "backend": "auto", "cross_document": False,
+                             "layers": [{"pattern": "causal"}, {"pattern": "sink_window", "window": 8, "num_sink_tokens": 2}]})  # fmt: skip
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**tiny_llama_config)).eval()
+    model = LlamaForCausalLM(cfg).eval()
     context = [256] + TOK("The lantern by the door has burned all night.", add_special_tokens=False)["input_ids"]
     qs = [TOK(q, add_special_tokens=False)["input_ids"] for q in ("\nWhat burned?", "\nWhere is the lantern? It is")]
     got, processed = ruler.answer_questions(model, context, [(q, 6) for q in qs], eos={257})

@@ -39,14 +39,19 @@ def check(cfg) -> None:
 
 
 def kv_policy(cfg, source: str) -> dict:
-    """The KV-cache config lm-eval generates with (validated against nothing yet: make_cache does)."""
+    """The KV-cache config lm-eval generates with: the named method with its defaults, or the
+    export's shipped `kv_cache_config.json` (`make_cache` validates either against the model)."""
+    import json
+
     if cfg.lm_eval_kv_cache != "export":
         return {"method": cfg.lm_eval_kv_cache}
-    from finetune.export import kv_config
-
-    p = Path(source)
-    shipped = kv_config.read(p) if (p / kv_config.FILE).is_file() else None
-    return shipped or {"method": "full"}
+    f = Path(source) / "kv_cache_config.json"
+    if not f.is_file():
+        return {"method": "full"}
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EvalError(f"eval.lm_eval_kv_cache=export: {f} is not readable JSON ({e})") from None
 
 
 def _lm_class():

@@ -148,9 +148,13 @@ def eval_text(run_dir: Path, recipe, max_tokens: int | None = None) -> EvalText 
             where = f"{d}, {n} rows of {man.get('seq_length')} tokens, data hash {str(man.get('data_hash'))[:12]}"
             split = man.get("eval_split") or {}
             if split.get("by") == "document":
+                named = [w for s in man.get("sources") or [] for w in (s.get("eval") or {}).get("where", [])]
+                shown = ", ".join(Path(w).name if "/" in w else w for w in named[:5])
+                more = f" and {len(named) - 5} more" if len(named) > 5 else ""
                 return EvalText(
                     docs,
-                    f"held-out eval split of the prepared data ({where}; {split.get('documents')} whole documents)",
+                    f"held-out eval split of the prepared data ({where}; {split.get('documents')} whole documents"
+                    + (f": {shown}{more}" if shown else "") + ")",
                     True,
                     "documents chosen for the eval split before packing and before mixture repetition "
                     "(data.eval_fraction): no document of this text is in a training row",

@@ -122,5 +122,19 @@ def test_bad_lm_eval_settings_are_refused_before_loading(tasks, tmp_path):
         lm_eval_bridge.check(_cfg(tasks, lm_eval_tasks=[]))
     with pytest.raises(EvalError, match="lm_eval_include"):
         lm_eval_bridge.check(_cfg(tmp_path / "nowhere"))
-    with pytest.raises(EvalError, match="unknown lm-eval task"):
+
+
+def test_unknown_task_looks_in_lm_evals_own_tasks_then_names_the_key(tasks, monkeypatch):
+    import lm_eval.tasks
+
+    made = []
+
+    class FakeTaskManager:  # lm-eval's real index of its own tasks takes ~15 s to build
+        def __init__(self, include_path=None, include_defaults=True):
+            made.append(include_defaults)
+            self.all_tasks = ["longtune_tiny_mc"] + (["niah_single_1"] if include_defaults else [])
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", FakeTaskManager)
+    with pytest.raises(EvalError, match="eval.lm_eval_tasks: unknown lm-eval task.*longtune_tiny_nope"):
         lm_eval_bridge.run(Context("m", "/x", None, TOK, _cfg(tasks, lm_eval_tasks=["longtune_tiny_nope"]), None, None, False))
+    assert made == [False, True]  # the local folder alone first, then with lm-eval's own tasks

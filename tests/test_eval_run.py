@@ -44,6 +44,8 @@ def run_dir(tmp_path, tiny_llama_config):
             "perplexity_max_windows": 2,
             "passkey_trials": 1,
             "needle_depths": [0.5],
+            "ruler_depths": [0.5],
+            "ruler_samples": 1,
             "kv_decode_tokens": 1,
             "compare": {"interp": str(tmp_path / "interp")},
         },
@@ -72,6 +74,11 @@ def test_run_eval_end_to_end(run_dir, capsys):
     assert pk["accuracy"] in (0.0, 1.0) and len(pk["trials"]) == 1
     nd = results["suites"]["needle"]["results"]["interp"]
     assert nd["lengths"] == [384, 448] and nd["depths"] == [0.5] and len(nd["accuracy"][0]) == 1
+    rl = results["suites"]["ruler"]["results"]["interp"]
+    assert len(rl["tasks"]) == 7 and set(rl["average"]) == {"384", "448"}
+    for per in rl["tasks"].values():  # a score, or why the length cannot hold the task
+        assert all((r["score"] is None) == ("error" in r) for r in per.values())
+    assert rl["tasks"]["niah_single"]["448"]["score"] is not None
     sk = results["suites"]["sinks"]["results"]["tuned"]
     assert len(sk["per_head"]) == 2 and len(sk["per_head"][0]) == 4 and sk["length"] == 384
     kv = results["suites"]["kv_cache"]
@@ -82,13 +89,14 @@ def test_run_eval_end_to_end(run_dir, capsys):
         for r in rows.values():
             assert ("error" in r) != ("nbytes" in r)
 
-    for png in ("perplexity.png", "passkey.png", "needle.png", "sinks.png", "kv_cache.png"):
+    for png in ("perplexity.png", "passkey.png", "needle.png", "ruler.png", "sinks.png", "kv_cache.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG") and (out / png).stat().st_size > 1000
     md = (out / "summary.md").read_text()
     for title in (
         "Perplexity vs context length",
         "Passkey retrieval",
         "Needle in a haystack",
+        "RULER-style tasks",
         "Attention sinks",
         "KV cache memory and speed",
         "| length | tuned | interp |",

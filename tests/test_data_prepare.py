@@ -516,3 +516,18 @@ def test_editing_a_source_file_invalidates_the_prepared_data(tmp_path, tiny_llam
     assert is_prepared(r)
     src.write_text("all that glitters is not gold. " * 60)
     assert not is_prepared(r)
+
+
+def test_sft_eval_split_holds_whole_samples_never_trained_on(tmp_path):
+    recs = [{"instruction": f"Q{i:03d}", "input": "", "output": f"A{i:03d}"} for i in range(30)]
+    a = jsonl(tmp_path / "a.jsonl", recs)
+    b = jsonl(tmp_path / "b.jsonl", [{"instruction": f"R{i:03d}", "output": "ok"} for i in range(5)])
+    sources = [{"type": "jsonl", "path": a}, {"type": "jsonl", "path": b, "weight": 3}]  # b repeated
+    dd, m = load(prepare(recipe(tmp_path, sources, format="sft", seq_length=300, eval_fraction=0.2)))
+    import re
+
+    seen = {s: [x for r in dd[s]["input_ids"] for x in re.findall(r"[QR]\d{3}", bytes(t for t in r if t < 256).decode())]
+            for s in dd}  # fmt: skip
+    assert m["sources"][1]["drawn"]["passes"] > 1 and len(seen["eval"]) == len(set(seen["eval"]))
+    assert seen["eval"] and not set(seen["train"]) & set(seen["eval"])
+    assert len(seen["eval"]) == m["eval_split"]["documents"] == len(dd["eval"])

@@ -9,21 +9,12 @@ from finetune.eval.errors import EvalError
 from finetune.eval.texts import eval_text, token_stream
 from finetune.recipe import validate
 
-TINY = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 259,
-}
 
-
-def _recipe(tmp_path, **eval_):
+def _recipe(tmp_path, tiny, **eval_):
     (tmp_path / "train.txt").write_text("Training text. " * 20)
     return validate(
         {
-            "model": {"config": TINY, "tokenizer": "byte"},
+            "model": {"config": tiny, "tokenizer": "byte"},
             "run_dir": str(tmp_path),
             "data": {"sources": [{"type": "text", "path": str(tmp_path / "train.txt")}], "seq_length": 16},
             "eval": eval_,
@@ -31,13 +22,13 @@ def _recipe(tmp_path, **eval_):
     )
 
 
-def test_training_source_is_flagged(tmp_path):
-    t = eval_text(tmp_path, _recipe(tmp_path))
+def test_training_source_is_flagged(tmp_path, tiny_llama_config):
+    t = eval_text(tmp_path, _recipe(tmp_path, tiny_llama_config))
     assert t.held_out is False and "may have been seen in training" in t.note
     assert t.documents[0].startswith("Training text.")
 
 
-def test_eval_split_is_held_out(tmp_path):
+def test_eval_split_is_held_out(tmp_path, tiny_llama_config):
     import datasets
 
     tok = byte_tokenizer()
@@ -53,16 +44,17 @@ def test_eval_split_is_held_out(tmp_path):
         json.dumps({"tokenizer": {"name": "byte"}, "counts": {"train": 1, "eval": 2}, "seq_length": 16,
                     "eval_split": {"by": "document", "documents": 2}})
     )
-    t = eval_text(tmp_path, _recipe(tmp_path))
+    t = eval_text(tmp_path, _recipe(tmp_path, tiny_llama_config))
     assert t.held_out is True and "eval split" in t.description and "2 whole documents" in t.description
     assert t.documents == ["held out doc onx.\n\nsecond doc he"]
     ids = token_stream(tok, t.documents)
     assert ids[0].item() == tok.bos_token_id and ids.numel() == 1 + len(t.documents[0])
 
 
-def test_explicit_source_wins(tmp_path):
+def test_explicit_source_wins(tmp_path, tiny_llama_config):
     (tmp_path / "other.txt").write_text("Other text.")
-    r = _recipe(tmp_path, perplexity_source={"type": "text", "path": str(tmp_path / "other.txt")})
+    other = {"type": "text", "path": str(tmp_path / "other.txt")}
+    r = _recipe(tmp_path, tiny_llama_config, perplexity_source=other)
     t = eval_text(tmp_path, r)
     assert t.documents == ["Other text."] and t.held_out is True
 
@@ -72,29 +64,30 @@ def test_explicit_source_wins(tmp_path):
     [(None, "no such file"), (b"", "is empty"), (b"  \n", "is empty"), (b"ab\x00\x01cd", "binary"),
      (b"caf\xe9 au lait", "not valid UTF-8")],
 )  # fmt: skip
-def test_users_own_text_errors_name_the_key_and_file(tmp_path, content, why):
+def test_users_own_text_errors_name_the_key_and_file(tmp_path, tiny_llama_config, content, why):
     """Regression (issue 10 item 8, issue 12 item 4): an unusable eval text was skipped with a note."""
     f = tmp_path / "mine.txt"
     if content is not None:
         f.write_bytes(content)
-    r = _recipe(tmp_path, perplexity_source={"type": "text", "path": str(f)})
+    r = _recipe(tmp_path, tiny_llama_config, perplexity_source={"type": "text", "path": str(f)})
     with pytest.raises(EvalError, match=why) as e:
         eval_text(tmp_path, r)
     assert "eval.perplexity_source" in str(e.value) and "mine.txt" in str(e.value)
 
 
-def test_users_folder_is_every_file(tmp_path):
+def test_users_folder_is_every_file(tmp_path, tiny_llama_config):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "a.txt").write_text("First file. It has sentences.")
     (tmp_path / "mine" / "b.md").write_text("Second file.")
-    t = eval_text(tmp_path, _recipe(tmp_path, perplexity_source={"type": "text", "path": str(tmp_path / "mine")}))
+    mine = {"type": "text", "path": str(tmp_path / "mine")}
+    t = eval_text(tmp_path, _recipe(tmp_path, tiny_llama_config, perplexity_source=mine))
     assert t.documents == ["First file. It has sentences.", "Second file."] and "2 documents" in t.description
     (tmp_path / "mine" / "c.txt").write_bytes(b"")
     with pytest.raises(EvalError, match="c.txt is empty"):
-        eval_text(tmp_path, _recipe(tmp_path, perplexity_source={"type": "text", "path": str(tmp_path / "mine")}))
+        eval_text(tmp_path, _recipe(tmp_path, tiny_llama_config, perplexity_source=mine))
 
 
-def _prepared(tmp_path, weights):
+def _prepared(tmp_path, tiny, weights):
     """Really prepare two sources with the given mixture weights; eval_fraction 0.2."""
     import re
 
@@ -111,7 +104,7 @@ def _prepared(tmp_path, weights):
         srcs.append({"type": "jsonl", "path": str(f), "weight": weights[name]})
     r = validate(
         {
-            "model": {"config": TINY, "tokenizer": "byte"},
+            "model": {"config": tiny, "tokenizer": "byte"},
             "run_dir": str(tmp_path),
             "data": {"sources": srcs, "seq_length": 48, "eval_fraction": 0.2},
         }
@@ -126,9 +119,10 @@ def _prepared(tmp_path, weights):
     return r, docs("train"), docs("eval")
 
 
-def test_eval_split_with_repeated_documents_is_held_out(tmp_path):
+def test_eval_split_with_repeated_documents_is_held_out(tmp_path, tiny_llama_config):
     """The eval documents are chosen before the mixture repeats any: none is on both sides."""
-    r, train, ev = _prepared(tmp_path, {"a": 5.0, "b": 1.0})  # source a drawn several times over
+    # source a drawn several times over
+    r, train, ev = _prepared(tmp_path, tiny_llama_config, {"a": 5.0, "b": 1.0})
     man = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert man["sources"][0]["drawn"]["passes"] > 1
     assert ev and train and not ev & train
@@ -136,8 +130,8 @@ def test_eval_split_with_repeated_documents_is_held_out(tmp_path):
     assert t.held_out is True and "eval split" in t.description and "before packing" in t.note
 
 
-def test_row_split_of_older_manifest_is_not_called_held_out(tmp_path):
-    r, _train, _ev = _prepared(tmp_path, {"a": 6.0, "b": 40.0})
+def test_row_split_of_older_manifest_is_not_called_held_out(tmp_path, tiny_llama_config):
+    r, _train, _ev = _prepared(tmp_path, tiny_llama_config, {"a": 6.0, "b": 40.0})
     f = tmp_path / "data" / "manifest.json"
     man = json.loads(f.read_text())
     del man["eval_split"]  # as written by a longtune that split packed rows

@@ -71,14 +71,7 @@ def _model_info(model, source: str, loader: str) -> dict:
 
 def _load_longtune(path: Path) -> tuple[Any, Any, dict]:
     """An export dir / final/ via finetune.loading (layout + KV config restored)."""
-    try:
-        from finetune.loading import load_model, load_tokenizer
-    except ImportError as e:  # the loader is not importable: a plain checkpoint still evaluates
-        if not (path / "config.json").is_file():
-            raise
-        model, tok, info = _load_plain(str(path))
-        info["loader"] += f" (finetune.loading unavailable: {e})"
-        return model, tok, info
+    from finetune.loading import load_model, load_tokenizer
 
     # Full KV cache for perplexity/passkey/needle/sinks: the model's own ability (for a LongGen hybrid
     # model this is exact: its sparse layers are masked by position either way); the compressed
@@ -104,13 +97,9 @@ def _load_plain(ref: str) -> tuple[Any, Any, dict]:
     """A Hugging Face checkpoint (hub id, directory or bundled alias), its own config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = ref
-    try:
-        from data_prep.assets import resolve_model
+    from data_prep.assets import resolve_model
 
-        path = resolve_model(ref)
-    except ImportError:
-        pass
+    path = resolve_model(ref)
     dtype = torch.float32 if _device() == "cpu" else "auto"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(_device()).eval()
     try:

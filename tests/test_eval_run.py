@@ -225,3 +225,10 @@ def test_cli_overrides_after_flags_and_one_paragraph_errors(run_dir, tmp_path, c
         assert rc == 2, extra
         assert key in err and "Traceback" not in err and "\n\n" not in err.strip(), (extra, err)
         assert (run_dir / "eval" / "results.json").read_bytes() == before, extra
+
+
+def test_cli_no_loadable_model_is_exit_2(run_dir, capsys):
+    (run_dir / "export" / "config.json").write_text("{ not json")
+    rc = main([str(run_dir), "--suites", "passkey", "--no-base", "eval.compare={}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no model could be loaded" in err and "`tuned`" in err and "Traceback" not in err

@@ -88,12 +88,14 @@ def _lm_class():
             if self.full:
                 logits = self.model(input_ids=x, use_cache=False).logits[0, len(ctx) - 1 : -1]
             else:
-                cache = self._cache()
-                out = self.model(input_ids=x[:, : len(ctx)], cache=cache, use_cache=True)
+                from .kv_cache import cache_kwarg
+
+                cache, kw = self._cache(), cache_kwarg(self.model)
+                out = self.model(input_ids=x[:, : len(ctx)], use_cache=True, **{kw: cache})
                 rows = [out.logits[0, -1]]
                 for t in cont[:-1]:
                     out = self.model(
-                        input_ids=torch.tensor([[t]], device=self.device_), cache=cache, use_cache=True
+                        input_ids=torch.tensor([[t]], device=self.device_), use_cache=True, **{kw: cache}
                     )
                     rows.append(out.logits[0, -1])
                 logits = torch.stack(rows)

@@ -37,16 +37,19 @@ def answer_questions(
     ``context``, with one prefill of the context. Returns (answers, tokens processed)."""
     from transformers import DynamicCache
 
+    from .kv_cache import cache_kwarg
+
+    kw = cache_kwarg(model)
     device = getattr(model, "device", torch.device("cpu"))
     cache = DynamicCache(config=model.config)
     x = torch.tensor([context], dtype=torch.long, device=device)
-    model(input_ids=x, cache=cache, use_cache=True)
+    model(input_ids=x, use_cache=True, **{kw: cache})
     n_ctx = len(context)
     processed = n_ctx
     answers = []
     for q_ids, max_new in questions:
         out = model(
-            input_ids=torch.tensor([q_ids], dtype=torch.long, device=device), cache=cache, use_cache=True
+            input_ids=torch.tensor([q_ids], dtype=torch.long, device=device), use_cache=True, **{kw: cache}
         )
         processed += len(q_ids)
         new: list[int] = []
@@ -55,7 +58,7 @@ def answer_questions(
             new.append(nxt)
             if nxt in eos or step == max_new - 1:
                 break
-            out = model(input_ids=torch.tensor([[nxt]], device=device), cache=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[nxt]], device=device), use_cache=True, **{kw: cache})
             processed += 1
         answers.append(new)
         extra = cache.get_seq_length() - n_ctx

@@ -105,11 +105,14 @@ def test_local_task_scores_match_a_direct_computation(tasks, model):
     assert out["kv_cache"] == {"method": "full"} and out["n_samples"]["longtune_tiny_mc"] == 4
 
 
-def test_cache_policy_path_equals_full_when_nothing_is_evicted(tasks, model):
-    """The sink cache with a window wider than every input keeps everything: same log-likelihoods."""
+@pytest.mark.parametrize(
+    "kv", [{"method": "sink", "window": 200, "num_sink_tokens": 4}, {"method": "h2o", "heavy": 100, "recent": 100}]
+)
+def test_cache_policy_path_equals_full_when_nothing_is_evicted(tasks, model, kv):
+    """A sink / H2O cache with budgets wider than every input keeps everything: same log-likelihoods."""
     cls = lm_eval_bridge._lm_class()
     full = cls(model, TOK, {"method": "full"}, 100)
-    sink = cls(model, TOK, {"method": "sink", "window": 200, "num_sink_tokens": 4}, 100)
+    sink = cls(model, TOK, kv, 100)
     for d in DOCS:
         ctx, cont = TOK(d["question"], add_special_tokens=False)["input_ids"], TOK(" blue sky", add_special_tokens=False)["input_ids"]
         a, b = full._logprobs(ctx, cont), sink._logprobs(ctx, cont)
@@ -138,3 +141,13 @@ def test_unknown_task_looks_in_lm_evals_own_tasks_then_names_the_key(tasks, monk
     with pytest.raises(EvalError, match="eval.lm_eval_tasks: unknown lm-eval task.*longtune_tiny_nope"):
         lm_eval_bridge.run(Context("m", "/x", None, TOK, _cfg(tasks, lm_eval_tasks=["longtune_tiny_nope"]), None, None, False))
     assert made == [False, True]  # the local folder alone first, then with lm-eval's own tasks
+
+
+def test_an_evicting_cache_policy_changes_the_log_likelihood(model):
+    """The policy is applied, not silently replaced by the full cache."""
+    cls = lm_eval_bridge._lm_class()
+    ctx = TOK("The lantern by the door has burned all night.", add_special_tokens=False)["input_ids"]
+    cont = TOK(" Wind moves through the tall grass.", add_special_tokens=False)["input_ids"]
+    full = cls(model, TOK, {"method": "full"}, 100)._logprobs(ctx, cont)[0]
+    small = cls(model, TOK, {"method": "sink", "window": 4, "num_sink_tokens": 1}, 100)._logprobs(ctx, cont)[0]
+    assert abs(full - small) > 1e-3

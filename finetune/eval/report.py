@@ -168,7 +168,9 @@ def kv_md(res: dict) -> str:
 def ruler_md(res: dict) -> str:
     """Per model: score per task (rows) and length (columns), the RULER average, the speed."""
     parts = [
-        (f"Haystack: {res.get('haystack', '?')}. Recall of the expected strings (RULER string_match_all), "
+        (f"Haystack: {res.get('haystack', '?')}. {res.get('samples', '?')} sample(s) per task, length and depth "
+        f"(depths {res.get('depths', '?')} for niah_* and vt; seed {res.get('seed', '?')}). "
+        "Recall of the expected strings (RULER string_match_all), "
         "mean over samples and depths; — = the length cannot hold the task. Average: mean of the "
         "task scores at that length (RULER calls a length effective at >= 0.856, Llama-2-7B at 4K).")
     ]

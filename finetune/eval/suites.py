@@ -151,6 +151,17 @@ def _haystack_describe(cfg, text: EvalText | None) -> dict:
     return {"haystack": haystack_sentences(text)[1], "held_out": text.held_out if text else None}
 
 
+def _ruler_describe(cfg, text: EvalText | None) -> dict:
+    return {
+        **_haystack_describe(cfg, text),
+        "tasks": list(cfg.ruler_tasks),
+        "depths": list(cfg.ruler_depths),
+        "samples": cfg.ruler_samples,
+        "value_types": list(cfg.ruler_value_types),
+        "seed": cfg.seed,
+    }
+
+
 def _lm_eval_describe(cfg, text: EvalText | None) -> dict:
     return {
         "tasks": list(cfg.lm_eval_tasks),
@@ -168,7 +179,7 @@ SUITES: dict[str, Suite] = {
         Suite("needle", "Needle in a haystack", _needle, report.needle_md, plots.needle,
               report.needle_headline, _haystack_describe),
         Suite("ruler", "RULER-style tasks", _ruler, report.ruler_md, plots.ruler, report.ruler_headline,
-              _haystack_describe),
+              _ruler_describe),
         Suite("sinks", "Attention sinks", _sinks, report.sinks_md, plots.sinks, report.sinks_headline),
         Suite("lm_eval", "lm-evaluation-harness tasks", _lm_eval, report.lm_eval_md, None,
               report.lm_eval_headline, _lm_eval_describe),

@@ -1,4 +1,4 @@
-"""`longtune eval RUN_DIR [section.key=value ...] [flags]`: the command line of `run_eval`.
+"""`longtune eval RUN_DIR`: run the recipe's evaluation suites on the run's export (docs/eval.md).
 
 Overrides may come before, between or after the flags: `--suites` and `--lengths` take their
 values up to the next flag, and any value that looks like `key=value` is an override, not a

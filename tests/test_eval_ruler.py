@@ -195,3 +195,9 @@ def test_cli_ruler_end_to_end_on_a_tiny_run(tmp_path, tiny_llama_config):
     md = (run / "eval" / "summary.md").read_text()
     assert "RULER-style tasks" in md and "tokens/s" in md and "**average**" in md and "max_position_embeddings 512" in md
     assert (run / "eval" / "ruler.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_haystack_vocabulary_holds_whole_words_only():
+    hay = ruler_tasks.Haystack(TOK, ["The honeysuckle grew by a wall.", "An extraordinarily quiet bee."])
+    assert "honeysuckl" not in hay.vocabulary and "extraordin" not in hay.vocabulary
+    assert {"grew", "wall", "quiet", "bee"} <= set(hay.vocabulary)

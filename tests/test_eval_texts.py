@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from data_prep.assets import byte_tokenizer
+from finetune.eval.errors import EvalError
 from finetune.eval.texts import eval_text, token_stream
 from finetune.recipe import validate
 
@@ -38,10 +41,11 @@ def test_eval_split_is_held_out(tmp_path, tiny_llama_config):
     )
     dd.save_to_disk(str(tmp_path / "data"))
     (tmp_path / "data" / "manifest.json").write_text(
-        json.dumps({"tokenizer": {"name": "byte"}, "counts": {"train": 1, "eval": 2}, "seq_length": 16})
+        json.dumps({"tokenizer": {"name": "byte"}, "counts": {"train": 1, "eval": 2}, "seq_length": 16,
+                    "eval_split": {"by": "document", "documents": 2}})
     )
     t = eval_text(tmp_path, _recipe(tmp_path, tiny_llama_config))
-    assert t.held_out is True and "eval split" in t.description
+    assert t.held_out is True and "eval split" in t.description and "2 whole documents" in t.description
     assert t.documents == ["held out doc onx.\n\nsecond doc he"]
     ids = token_stream(tok, t.documents)
     assert ids[0].item() == tok.bos_token_id and ids.numel() == 1 + len(t.documents[0])
@@ -53,10 +57,34 @@ def test_explicit_source_wins(tmp_path, tiny_llama_config):
     r = _recipe(tmp_path, tiny_llama_config, perplexity_source=other)
     t = eval_text(tmp_path, r)
     assert t.documents == ["Other text."] and t.held_out is True
-    missing = {"type": "text", "path": str(tmp_path / "missing.txt")}
-    r = _recipe(tmp_path, tiny_llama_config, perplexity_source=missing)
-    t = eval_text(tmp_path, r)
-    assert t.documents == [] and "could not read" in t.note
+
+
+@pytest.mark.parametrize(
+    "content,why",
+    [(None, "no such file"), (b"", "is empty"), (b"  \n", "is empty"), (b"ab\x00\x01cd", "binary"),
+     (b"caf\xe9 au lait", "not valid UTF-8")],
+)  # fmt: skip
+def test_users_own_text_errors_name_the_key_and_file(tmp_path, tiny_llama_config, content, why):
+    """Regression (issue 10 item 8, issue 12 item 4): an unusable eval text was skipped with a note."""
+    f = tmp_path / "mine.txt"
+    if content is not None:
+        f.write_bytes(content)
+    r = _recipe(tmp_path, tiny_llama_config, perplexity_source={"type": "text", "path": str(f)})
+    with pytest.raises(EvalError, match=why) as e:
+        eval_text(tmp_path, r)
+    assert "eval.perplexity_source" in str(e.value) and "mine.txt" in str(e.value)
+
+
+def test_users_folder_is_every_file(tmp_path, tiny_llama_config):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.txt").write_text("First file. It has sentences.")
+    (tmp_path / "mine" / "b.md").write_text("Second file.")
+    mine = {"type": "text", "path": str(tmp_path / "mine")}
+    t = eval_text(tmp_path, _recipe(tmp_path, tiny_llama_config, perplexity_source=mine))
+    assert t.documents == ["First file. It has sentences.", "Second file."] and "2 documents" in t.description
+    (tmp_path / "mine" / "c.txt").write_bytes(b"")
+    with pytest.raises(EvalError, match="c.txt is empty"):
+        eval_text(tmp_path, _recipe(tmp_path, tiny_llama_config, perplexity_source=mine))
 
 
 def _prepared(tmp_path, tiny, weights):
@@ -91,19 +119,22 @@ def _prepared(tmp_path, tiny, weights):
     return r, docs("train"), docs("eval")
 
 
-def test_eval_split_with_repeated_documents_is_not_called_held_out(tmp_path, tiny_llama_config):
+def test_eval_split_with_repeated_documents_is_held_out(tmp_path, tiny_llama_config):
+    """The eval documents are chosen before the mixture repeats any: none is on both sides."""
     # source a drawn several times over
     r, train, ev = _prepared(tmp_path, tiny_llama_config, {"a": 5.0, "b": 1.0})
-    assert ev & train  # documents really sit on both sides
-    t = eval_text(tmp_path, r)
-    assert t.held_out is False and "more than once" in t.note and "a.jsonl" in t.note
-
-
-def test_eval_split_without_repeats_stays_held_out(tmp_path, tiny_llama_config):
-    # weights = size shares: each doc once
-    r, train, ev = _prepared(tmp_path, tiny_llama_config, {"a": 6.0, "b": 40.0})
     man = json.loads((tmp_path / "data" / "manifest.json").read_text())
-    assert all(s["drawn"]["passes"] <= 1 for s in man["sources"])
-    assert len(ev & train) <= 1  # at most the document cut by the train/eval row boundary
+    assert man["sources"][0]["drawn"]["passes"] > 1
+    assert ev and train and not ev & train
     t = eval_text(tmp_path, r)
-    assert t.held_out is True and "eval split" in t.description
+    assert t.held_out is True and "eval split" in t.description and "before packing" in t.note
+
+
+def test_row_split_of_older_manifest_is_not_called_held_out(tmp_path, tiny_llama_config):
+    r, _train, _ev = _prepared(tmp_path, tiny_llama_config, {"a": 6.0, "b": 40.0})
+    f = tmp_path / "data" / "manifest.json"
+    man = json.loads(f.read_text())
+    del man["eval_split"]  # as written by a longtune that split packed rows
+    f.write_text(json.dumps(man))
+    t = eval_text(tmp_path, r)
+    assert t.held_out is False and "older longtune" in t.note and "prepare --force" in t.note

@@ -56,14 +56,20 @@ def test_refresh_card_with_eval_results(exp, tmp_path):
     assert card.refresh_card(run) is not None
     assert "## Evaluation" not in (run / "export" / "README.md").read_text()
     (run / "eval").mkdir()
-    (run / "eval" / "results.json").write_text(json.dumps({"passkey": {"256": 1.0}}))
+    results = {
+        "created": "2026-01-01 00:00 UTC", "environment": {"device": "CPU"},
+        "models": {"tuned": {"source": "export", "max_position_embeddings": 256, "kv_cache": "full"}},
+        "model_notes": ["a note from eval"],
+        "suites": {"passkey": {"results": {"tuned": {"256": {"accuracy": 0.75, "trials": [
+            {"correct": True}, {"correct": True}, {"correct": True}, {"correct": False}]}}}}},
+        "skipped": {"needle": "why not"},
+    }  # fmt: skip
+    (run / "eval" / "results.json").write_text(json.dumps(results))
+    (run / "eval" / "summary.md").write_text("# Stale summary\n")  # the card is rendered from results.json
     card.refresh_card(run)
     text = (run / "export" / "README.md").read_text()
-    assert "## Evaluation" in text and '"256": 1.0' in text
-    (run / "eval" / "summary.md").write_text("# Results\n\n| length | ppl |\n| --- | --- |\n| 256 | 7.1 |\n")
-    card.refresh_card(run)
-    text = (run / "export" / "README.md").read_text()
-    assert "## Results" in text and "| 256 | 7.1 |" in text and '"256": 1.0' not in text
+    assert "## Evaluation" in text and "### Passkey retrieval" in text and "0.75 (3/4)" in text
+    assert "a note from eval" in text and "needle skipped: why not" in text and "Stale summary" not in text
     front_matter(text)  # still valid metadata
     assert card.refresh_card(tmp_path / "no-run") is None
 

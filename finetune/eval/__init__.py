@@ -1,7 +1,10 @@
-"""Evaluation suites: perplexity vs length, passkey, needle-in-a-haystack, attention sinks,
-KV-cache memory/speed. Entry points: `run_eval(run_dir, recipe=None, models=None)` and
-`main(argv)` (`longtune eval RUN_DIR`). See docs/eval.md."""
+"""Evaluation suites: perplexity vs length, passkey, needle-in-a-haystack, RULER-style tasks,
+attention sinks, KV-cache memory/speed, lm-evaluation-harness tasks. Entry points:
+`run_eval(run_dir, recipe=None, models=None)` and `main(argv)` (`longtune eval RUN_DIR`).
+The suite table is `finetune.eval.suites.SUITES`. See docs/eval.md."""
 
-from .runner import EvalError, main, run_eval
+from .cli import main
+from .errors import EvalError
+from .runner import run_eval
 
 __all__ = ["EvalError", "main", "run_eval"]

@@ -161,3 +161,34 @@ def kv_cache(results: dict, path: Path) -> Path | None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     return _save(fig, path)
+
+
+def ruler(results: dict, path: Path) -> Path | None:
+    """``{model: {"tasks": {task: {length: {"score"}}}, "average"}}`` -> one task x length
+    heatmap per model, the RULER average as the last row."""
+    if not results:
+        return None
+    fig, axes = plt.subplots(
+        1, len(results), figsize=(4.5 * len(results) + 1, 4.2), squeeze=False, layout="constrained"
+    )
+    im = None
+    for ax, (model, g) in zip(axes[0], results.items()):
+        lengths = sorted({L for per in g["tasks"].values() for L in per}, key=int)
+        names = list(g["tasks"]) + ["average"]
+        nan = float("nan")
+        grid = [[nan if (g["tasks"][t].get(L) or {}).get("score") is None else g["tasks"][t][L]["score"]
+                 for L in lengths] for t in g["tasks"]]  # fmt: skip
+        grid.append([nan if (g["average"].get(L) or {}).get("score") is None else g["average"][L]["score"]
+                     for L in lengths])  # fmt: skip
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), lengths)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("context length")
+        ax.set_title(f"RULER: {model}")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="recall")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

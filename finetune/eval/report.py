@@ -1,4 +1,6 @@
-"""summary.md (markdown tables) and the console headline, both from the results dict."""
+"""summary.md (markdown tables) and the console headline, both from the results dict: one
+`*_md` (section) and one `*_headline` (columns) function per suite, named in the suite table
+(`finetune.eval.suites.SUITES`)."""
 
 from __future__ import annotations
 
@@ -163,16 +165,94 @@ def kv_md(res: dict) -> str:
     return out
 
 
-SECTIONS = {
-    "perplexity": ("Perplexity vs context length", perplexity_md),
-    "passkey": ("Passkey retrieval", passkey_md),
-    "needle": ("Needle in a haystack", needle_md),
-    "sinks": ("Attention sinks", sinks_md),
-    "kv_cache": ("KV cache memory and speed", kv_md),
-}
+def ruler_md(res: dict) -> str:
+    """Per model: score per task (rows) and length (columns), the RULER average, the speed."""
+    parts = [
+        (f"Haystack: {res.get('haystack', '?')}. {res.get('samples', '?')} sample(s) per task, length and depth "
+        f"(depths {res.get('depths', '?')} for niah_* and vt; seed {res.get('seed', '?')}). "
+        "Recall of the expected strings (RULER string_match_all), "
+        "mean over samples and depths; — = the length cannot hold the task. Average: mean of the "
+        "task scores at that length (RULER calls a length effective at >= 0.856, Llama-2-7B at 4K).")
+    ]
+    for m, g in res["results"].items():
+        lengths = sorted({L for per in g["tasks"].values() for L in per}, key=int)
+        rows = [[t] + [g["tasks"][t].get(L, {}).get("score") for L in lengths] for t in g["tasks"]]
+        rows.append(["**average**"] + [(g["average"].get(L) or {}).get("score") for L in lengths])
+        sp = g.get("speed", {})
+        parts.append(
+            f"**{m}** — {sp.get('tokens_processed')} tokens processed in {sp.get('model_seconds')} s "
+            f"(**{sp.get('tokens_per_s')} tokens/s**; {sp.get('prompt_tokens_per_s')} prompt tokens/s counting "
+            f"each question's shared context; prompts built in {sp.get('build_seconds')} s)\n\n"
+            + table(["task"] + lengths, rows)
+        )
+        errs = sorted({f"{t} @ {L}: {r['error']}" for t, per in g["tasks"].items() for L, r in per.items() if r.get("error")})
+        if errs:
+            parts.append("\n".join(f"- not run: {e}" for e in errs))
+    return "\n\n".join(parts)
 
 
-def summary_md(results: dict) -> str:
+def lm_eval_md(res: dict) -> str:
+    first = next(iter(res["results"].values()), {})
+    used = ", ".join(f"{m}: {(r.get('kv_cache') or {}).get('method')}" for m, r in res["results"].items())
+    parts = [
+        (f"lm-evaluation-harness {first.get('version', '?')}; KV cache setting `{res.get('kv_cache_setting')}` "
+        f"({used}); limit {res.get('limit') or 'none'} documents per task.")
+    ]
+    rows = []
+    for m, per in res["results"].items():
+        for task, metrics in per.get("tasks", {}).items():
+            for k, v in metrics.items():
+                rows.append([m, task, k, v])
+    parts.append(table(["model", "task", "metric", "value"], rows))
+    return "\n\n".join(parts)
+
+
+# --------------------------------------------------------------------------- headline columns
+def perplexity_headline(entry: dict):
+    proto = entry["protocols"][0]
+    res = entry["results"]
+    return [
+        (f"ppl {proto} {L}", lambda m, L=L: ((res.get(m, {}).get(proto, {}).get(L)) or {}).get("ppl"))
+        for L in _lengths({m: d.get(proto, {}) for m, d in res.items()})
+    ]
+
+
+def passkey_headline(entry: dict):
+    res = entry["results"]
+    return [(f"passkey {L}", lambda m, L=L: (res.get(m, {}).get(L) or {}).get("accuracy")) for L in _lengths(res)]
+
+
+def needle_headline(entry: dict):
+    def mean(m):
+        g = entry["results"].get(m)
+        flat = [v for row in (g or {}).get("accuracy", []) for v in row if v is not None]
+        return sum(flat) / len(flat) if flat else None
+
+    return [("needle mean", mean)]
+
+
+def ruler_headline(entry: dict):
+    res = entry["results"]
+    lengths = sorted({L for g in res.values() for L in g["average"]}, key=int)
+    return [(f"ruler {L}", lambda m, L=L: ((res.get(m) or {}).get("average", {}).get(L) or {}).get("score"))
+            for L in lengths]  # fmt: skip
+
+
+def sinks_headline(entry: dict):
+    return [("sink heads", lambda m: (entry["results"].get(m) or {}).get("share_above"))]
+
+
+def lm_eval_headline(entry: dict):
+    cols = []
+    res = entry["results"]
+    names = sorted({(t, k) for per in res.values() for t, ms in per.get("tasks", {}).items() for k in ms})
+    for t, k in names[:6]:
+        cols.append((f"{t} {k}", lambda m, t=t, k=k: (res.get(m, {}).get("tasks", {}).get(t) or {}).get(k)))
+    return cols
+
+
+def summary_md(results: dict, suites: dict) -> str:
+    """``suites``: the suite table (name -> row with ``title`` and ``report``), in report order."""
     lines = [f"# Evaluation of `{results['run_dir']}`", ""]
     lines.append(
         f"{results['created']} · {results['environment']['device']} · torch {results['environment']['torch']}"
@@ -197,50 +277,29 @@ def summary_md(results: dict) -> str:
     )
     for reason in results.get("model_notes", []):
         lines.append(f"\n- {reason}")
-    for suite, (title, fn) in SECTIONS.items():
-        res = results["suites"].get(suite)
+    for name, suite in suites.items():
+        res = results["suites"].get(name)
         if res is None:
             continue
-        lines.append(f"\n## {title}\n")
-        lines.append(fn(res))
+        lines.append(f"\n## {suite.title}\n")
+        lines.append(suite.report(res))
         for fig in res.get("figures", []):
-            lines.append(f"\n![{suite}]({fig})")
+            lines.append(f"\n![{name}]({fig})")
     if results.get("skipped"):
         lines.append("\n## Skipped\n")
         lines += [f"- **{s}**: {why}" for s, why in results["skipped"].items()]
     return "\n".join(lines) + "\n"
 
 
-def headline(results: dict) -> str:
+def headline(results: dict, suites: dict) -> str:
     """One row per model: the key number of each suite at each length (printed at the end)."""
-    suites = results["suites"]
     header, cols = ["model"], []
-    if "perplexity" in suites:
-        proto = suites["perplexity"]["protocols"][0]
-        for L in _lengths({m: d.get(proto, {}) for m, d in suites["perplexity"]["results"].items()}):
-            header.append(f"ppl {proto} {L}")
-            cols.append(
-                lambda m, L=L, p=proto: (
-                    suites["perplexity"]["results"].get(m, {}).get(p, {}).get(L) or {}
-                ).get("ppl")
-            )
-    if "passkey" in suites:
-        for L in _lengths(suites["passkey"]["results"]):
-            header.append(f"passkey {L}")
-            cols.append(lambda m, L=L: (suites["passkey"]["results"].get(m, {}).get(L) or {}).get("accuracy"))
-    if "needle" in suites:
-        header.append("needle mean")
-
-        def _needle(m):
-            g = suites["needle"]["results"].get(m)
-            if not g:
-                return None
-            flat = [v for row in g["accuracy"] for v in row if v is not None]
-            return sum(flat) / len(flat) if flat else None
-
-        cols.append(_needle)
-    if "sinks" in suites:
-        header.append("sink heads")
-        cols.append(lambda m: (suites["sinks"]["results"].get(m) or {}).get("share_above"))
+    for name, suite in suites.items():
+        entry = results["suites"].get(name)
+        if entry is None or suite.headline is None:
+            continue
+        for h, fn in suite.headline(entry):
+            header.append(h)
+            cols.append(fn)
     rows = [[m] + [c(m) for c in cols] for m in results["models"]]
     return table(header, rows)

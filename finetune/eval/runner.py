@@ -1,6 +1,8 @@
-"""`longtune eval RUN_DIR`: every suite the recipe names, on the run's export, against the base
-and the `eval.compare` models; results.json, PNGs and summary.md in `<run_dir>/eval/`.
+"""`run_eval`: every suite the recipe names, on the run's export, against the base and the
+`eval.compare` models; results.json, PNGs and summary.md in `<run_dir>/eval/`.
 
+This module finds and loads the models and walks the suite table (`suites.SUITES`); the suites,
+the text (`texts`), what is written (`output`) and the CLI (`cli`) live in their own modules.
 Models are loaded one at a time (tuned first), each runs every suite, then is freed, so peak
 memory is one model. The kv_cache suite runs on the tuned model only. A suite that fails for a
 model is recorded with its error (summary.md says so); nothing is filled in.
@@ -8,15 +10,9 @@ model is recorded with its error (summary.md says so); nothing is filled in.
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import gc
 import json
 import os
-import platform
-import shutil
-import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -27,21 +23,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import kv_cache as kv_suite
-from . import needle as needle_suite
-from . import passkey as passkey_suite
-from . import perplexity as ppl_suite
-from . import plots, report
-from . import sinks as sinks_suite
+from . import output, report
+from .errors import EvalError
+from .suites import SUITES as SUITE_TABLE
+from .suites import Context, SuiteSkipped
 from .texts import EvalText, eval_text, token_stream, tokens_needed
 
-SUITES = ("perplexity", "passkey", "needle", "sinks", "kv_cache")
+SUITES = tuple(SUITE_TABLE)
 TUNED = "tuned"
 BASE = "base"
-
-
-class EvalError(RuntimeError):
-    """An evaluation that cannot start; the message says what to do."""
 
 
 @dataclass
@@ -224,55 +214,26 @@ def _fallback_tokenizer(recipe, run_dir: Path):
     raise EvalError("no tokenizer: the export has none and the recipe names none (model.tokenizer)")
 
 
-# --------------------------------------------------------------------------- writing
-def _write_atomic_dir(files: dict[str, bytes | Path], out_dir: Path) -> None:
-    """Write every file into a temporary sibling directory, then swap it in for out_dir."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        for name, data in files.items():
-            if isinstance(data, Path):
-                shutil.copyfile(data, tmp / name)
-            else:
-                (tmp / name).write_bytes(data)
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _refresh_card(run_dir: Path, export_dir: Path) -> str | None:
-    """`finetune.export.card.refresh_card(run_dir, export_dir)`; a failure is reported, not raised."""
-    from finetune.export.card import refresh_card
-
-    try:
-        path = refresh_card(run_dir, export_dir)
-    except Exception as e:  # noqa: BLE001 - the eval results stand; say what failed
-        return f"model card refresh failed: {type(e).__name__}: {e}"
-    return f"model card updated: {path}" if path else None
-
-
 # --------------------------------------------------------------------------- run
-def _environment() -> dict:
-    import transformers
-
-    dev = (
-        torch.cuda.get_device_name(0)
-        if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+def _positions_note(name: str, info: dict, lengths: list[int]) -> str | None:
+    """Lengths past the model's max_position_embeddings still run (RoPE extrapolates), but say so."""
+    n = info.get("max_position_embeddings")
+    beyond = [L for L in lengths if n and L > n]
+    if not beyond:
+        return None
+    info["lengths_beyond_positions"] = beyond
+    return (
+        f"`{name}` has max_position_embeddings {n}: length(s) {', '.join(map(str, beyond))} run past the "
+        "positions it was configured for (RoPE extrapolation), so its numbers there measure extrapolation"
     )
-    return {
-        "device": dev,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
+
+
+def _preflight(cfg, names: list[str]) -> None:
+    """Refuse what would fail for every model before anything is loaded or written."""
+    if "lm_eval" in names:
+        from . import lm_eval_bridge
+
+        lm_eval_bridge.check(cfg)
 
 
 def run_eval(run_dir, recipe=None, models: dict | None = None, progress: bool = True) -> dict:
@@ -280,7 +241,8 @@ def run_eval(run_dir, recipe=None, models: dict | None = None, progress: bool = 
 
     `recipe`: a Recipe, or None to read `<run_dir>/recipe.yaml`. `models`: name -> path | model |
     (model, tokenizer) replaces the automatic list (tuned export, base, `eval.compare`); the
-    first is the one the kv_cache suite measures.
+    first is the one the kv_cache suite measures. Bad input (an unreadable evaluation text, a
+    missing optional package) raises `EvalError` before anything is written.
     """
     from finetune.recipe import load_recipe
 
@@ -291,14 +253,15 @@ def run_eval(run_dir, recipe=None, models: dict | None = None, progress: bool = 
             raise EvalError(f"{f} not found: is {run_dir} a run directory? (or pass a recipe)")
         recipe = load_recipe(f)
     cfg = recipe.eval
-    suites = [s for s in SUITES if s in cfg.suites]
+    names = [s for s in SUITES if s in cfg.suites]
+    _preflight(cfg, names)
     torch.manual_seed(cfg.seed)
     notes: list[str] = []
     specs = given_specs(models, run_dir) if models else model_specs(run_dir, recipe, cfg, notes)
     primary = specs[0].name
 
     cap = tokens_needed(cfg)
-    text: EvalText | None = eval_text(run_dir, recipe, None if cap is None else 4 * cap) if suites else None
+    text: EvalText | None = eval_text(run_dir, recipe, None if cap is None else 4 * cap) if names else None
     skipped: dict[str, str] = {}
     errors: dict[str, dict[str, str]] = {}
     res: dict[str, dict] = {}
@@ -307,7 +270,7 @@ def run_eval(run_dir, recipe=None, models: dict | None = None, progress: bool = 
     seconds: dict[str, dict[str, float]] = {}
     stream_tokens: dict[str, int] = {}
 
-    bar = tqdm(total=len(specs) * len(suites), desc="eval", disable=not progress)
+    bar = tqdm(total=len(specs) * len(names), desc="eval", disable=not progress)
     for spec in specs:
         try:
             model, tok, info = spec.load()
@@ -315,234 +278,57 @@ def run_eval(run_dir, recipe=None, models: dict | None = None, progress: bool = 
             notes.append(
                 f"`{spec.name}` ({spec.source}) not evaluated: could not load it: {type(e).__name__}: {e}"
             )
-            bar.update(len(suites))
+            bar.update(len(names))
             continue
         if tok is None:
             default_tok = default_tok or _fallback_tokenizer(recipe, run_dir)
             tok = default_tok
         default_tok = default_tok or tok
         infos[spec.name] = info
-        one = {spec.name: (model, tok)}
+        note = _positions_note(spec.name, info, cfg.lengths)
+        if note:
+            notes.append(note)
         ids = None
         if text is not None and text.documents:
             ids = token_stream(tok, text.documents, None if cap is None else 4 * cap, progress)
             stream_tokens[spec.name] = int(ids.numel())
-        for suite in suites:
-            bar.set_postfix_str(f"{spec.name}: {suite}")
+        ctx = Context(spec.name, spec.source, model, tok, cfg, text, ids, progress)
+        for name in names:
+            suite = SUITE_TABLE[name]
+            if suite.primary_only and spec.name != primary:
+                bar.update(1)
+                continue
+            bar.set_postfix_str(f"{spec.name}: {name}")
             t0 = time.perf_counter()
             try:
-                if suite == "perplexity":
-                    if ids is None:
-                        raise _Skip(f"no evaluation text ({text.note if text else 'no source'})")
-                    res.setdefault(suite, {}).update(ppl_suite.run(one, ids, cfg, progress))
-                elif suite == "passkey":
-                    res.setdefault(suite, {}).update(passkey_suite.run(one, cfg, progress))
-                elif suite == "needle":
-                    sentences = (
-                        needle_suite.split_sentences("\n".join(text.documents[:50]))
-                        if text and text.documents
-                        else []
-                    )
-                    if len(sentences) < 8:
-                        sentences = needle_suite.SYNTHETIC
-                    res.setdefault(suite, {}).update(needle_suite.run(one, sentences, cfg, progress))
-                elif suite == "sinks":
-                    sink_ids = ids
-                    if sink_ids is None:  # no corpus: synthetic filler is still text
-                        sink_ids = token_stream(tok, [" ".join(needle_suite.SYNTHETIC * 200)])
-                    res.setdefault(suite, {}).update(sinks_suite.run(one, sink_ids, cfg, progress=progress))
-                elif suite == "kv_cache":
-                    if spec.name != primary:
-                        bar.update(1)
-                        continue
-                    res[suite] = _kv(model, tok, ids, cfg, spec, progress)
-            except _Skip as s:
-                skipped[suite] = str(s)
+                out = suite.run(ctx)
+                if suite.primary_only:
+                    res[name] = out
+                else:
+                    res.setdefault(name, {})[spec.name] = out
+            except SuiteSkipped as s:
+                skipped[name] = str(s)
             except Exception as e:  # noqa: BLE001 - recorded, shown in summary.md
-                errors.setdefault(suite, {})[spec.name] = f"{type(e).__name__}: {e}"
+                errors.setdefault(name, {})[spec.name] = f"{type(e).__name__}: {e}"
                 if os.environ.get("LONGTUNE_EVAL_DEBUG"):
                     traceback.print_exc()
-            seconds.setdefault(suite, {})[spec.name] = round(time.perf_counter() - t0, 3)
+            seconds.setdefault(name, {})[spec.name] = round(time.perf_counter() - t0, 3)
             bar.update(1)
-        del model, one
+        del model, ctx
         gc.collect()
     bar.close()
 
-    results = _assemble(run_dir, cfg, suites, text, infos, notes, res, errors, skipped)
+    results = output.assemble(run_dir, cfg, SUITE_TABLE, names, text, infos, notes, res, errors, skipped)
     if "perplexity" in results["suites"]:
         results["suites"]["perplexity"]["source"]["tokens"] = stream_tokens
+    results["text"] = None if text is None else {
+        "description": text.description, "held_out": text.held_out, "note": text.note,
+    }  # fmt: skip
     results["seconds"] = seconds
-    figures = _draw(results)
-    md = report.summary_md(results)
-    files: dict[str, bytes | Path] = {
-        "results.json": json.dumps(results, indent=2, default=str).encode(),
-        "summary.md": md.encode(),
-    }
-    files.update({p.name: p for p in figures.values()})
     out_dir = run_dir / "eval"
-    _write_atomic_dir(files, out_dir)
-    if figures:
-        shutil.rmtree(next(iter(figures.values())).parent, ignore_errors=True)
-    if not models:
-        exp = recipe.export_dir if recipe.export.output_dir else run_dir / "export"
-        card = _refresh_card(run_dir, exp)
-        if card:
-            print(card, file=sys.stderr)
+    output.write(results, SUITE_TABLE, out_dir)
     print(f"\nlongtune eval: {run_dir} -> {out_dir}\n")
-    print(report.headline(results))
+    print(report.headline(results, SUITE_TABLE))
     for s, why in results["skipped"].items():
         print(f"skipped {s}: {why}")
     return results
-
-
-class _Skip(Exception):
-    pass
-
-
-def _kv(model, tok, ids, cfg, spec, progress) -> dict:
-    if ids is None:
-        ids = token_stream(tok, [" ".join(needle_suite.SYNTHETIC * 400)])
-    export_cfg = None
-    f = Path(spec.source) / "kv_cache_config.json"
-    if f.is_file():
-        try:
-            export_cfg = json.loads(f.read_text())
-        except json.JSONDecodeError:
-            export_cfg = None
-    out = kv_suite.run(model, ids, cfg, export_cfg, progress)
-    out["model"] = spec.name
-    return out
-
-
-def _assemble(run_dir, cfg, suites, text, infos, notes, res, errors, skipped) -> dict:
-    out_suites: dict[str, dict] = {}
-    for s in suites:
-        if s in skipped:
-            continue
-        data = res.get(s)
-        if not data:
-            why = "; ".join(f"{m}: {e}" for m, e in errors.get(s, {}).items()) or "no model was evaluated"
-            skipped[s] = f"failed: {why}"
-            continue
-        if s == "kv_cache":
-            entry = dict(data)
-        else:
-            entry = {"results": data}
-        if s == "perplexity":
-            entry.update(
-                protocols=list(cfg.perplexity_protocols),
-                stride=cfg.perplexity_stride,
-                sliding_stride=cfg.perplexity_sliding_stride,
-                max_windows=cfg.perplexity_max_windows,
-                source={
-                    "description": text.description,
-                    "held_out": text.held_out,
-                    "note": text.note,
-                    "tokens": None,
-                },
-            )
-        if s == "needle":
-            entry["haystack"] = (
-                f"sentences of {text.description}"
-                if text and text.documents
-                else "synthetic filler sentences (no corpus available)"
-            )
-        if errors.get(s):
-            entry["errors"] = errors[s]
-        out_suites[s] = entry
-    for s, errs in errors.items():
-        if s in out_suites:
-            for m, e in errs.items():
-                notes.append(f"{s} failed for `{m}`: {e}")
-    return {
-        "run_dir": str(run_dir),
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "environment": _environment(),
-        "eval_config": cfg.model_dump(mode="json"),
-        "models": infos,
-        "model_notes": notes,
-        "suites": out_suites,
-        "skipped": skipped,
-    }
-
-
-def _draw(results: dict) -> dict[str, Path]:
-    tmp = Path(tempfile.mkdtemp(prefix="longtune-eval-plots-"))
-    drawers = {
-        "perplexity": plots.perplexity,
-        "passkey": plots.passkey,
-        "needle": plots.needle,
-        "sinks": plots.sinks,
-        "kv_cache": plots.kv_cache,
-    }
-    out = {}
-    for s, entry in results["suites"].items():
-        data = entry if s == "kv_cache" else entry["results"]
-        try:
-            p = drawers[s](data, tmp / f"{s}.png")
-        except Exception as e:  # noqa: BLE001 - a figure is not worth losing the numbers for
-            results["model_notes"].append(f"figure {s}.png not drawn: {type(e).__name__}: {e}")
-            p = None
-        if p is not None:
-            out[s] = p
-            entry["figures"] = [p.name]
-    if not out:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-# --------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="longtune eval", description=__doc__.splitlines()[0])
-    p.add_argument("run_dir", help="run directory (recipe.yaml, export/ or final/)")
-    p.add_argument(
-        "overrides", nargs="*", help="recipe overrides section.key=value, e.g. eval.passkey_trials=3"
-    )
-    p.add_argument("--recipe", help="recipe file (default: RUN_DIR/recipe.yaml)")
-    p.add_argument("--suites", nargs="+", choices=SUITES, help="suites to run (default: eval.suites)")
-    p.add_argument("--lengths", nargs="+", type=int, help="context lengths (default: eval.lengths)")
-    p.add_argument(
-        "--compare",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="extra model to compare (repeatable; added to eval.compare)",
-    )
-    p.add_argument("--no-base", action="store_true", help="do not compare with the base model")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from finetune.recipe import RecipeError, apply_overrides, load_raw, validate
-
-    args = build_parser().parse_intermixed_args(argv)
-    run_dir = Path(args.run_dir)
-    rfile = Path(args.recipe) if args.recipe else run_dir / "recipe.yaml"
-    overrides = list(args.overrides)
-    if args.suites:
-        overrides.append(f"eval.suites=[{', '.join(args.suites)}]")
-    if args.lengths:
-        overrides.append(f"eval.lengths=[{', '.join(map(str, args.lengths))}]")
-    if args.no_base:
-        overrides.append("eval.compare_base=false")
-    try:
-        data = apply_overrides(load_raw(rfile), overrides)
-        for item in args.compare:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                raise RecipeError(f"--compare '{item}' must look like NAME=PATH")
-            data.setdefault("eval", {}).setdefault("compare", {})[name] = path
-        recipe = validate(data, origin=str(rfile))
-        results = run_eval(run_dir, recipe=recipe, progress=not args.no_progress)
-    except (RecipeError, EvalError) as e:
-        print(f"longtune eval: {e}", file=sys.stderr)
-        return 2
-    if not results["models"]:
-        print("longtune eval: no model could be loaded (see eval/summary.md)", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,11 +1,16 @@
 """Evaluation text: where it comes from and whether training saw it.
 
-Order of preference:
-1. ``eval.perplexity_source`` (a data source like any other; overlap with training unchecked);
+Every suite reads its text through ``eval_text`` (one ``EvalText``: documents, where they came
+from, whether training saw them); no suite reads a data source itself. Order of preference:
+1. ``eval.perplexity_source`` (a data source like any other, e.g. the user's own text file or
+   folder; overlap with training unchecked). A source that cannot be read, is empty, binary or
+   not UTF-8 is an ``EvalError`` naming the key and the file, never a silent skip;
 2. the prepared dataset's ``eval`` split (``data.eval_fraction`` > 0, ``<data_dir>/manifest.json``
-   counts it): packed rows that training never saw, decoded back to text with the dataset's
-   tokenizer (document separators become blank lines); not called held out when the mixture
-   repeated a source (manifest ``drawn.passes`` > 1: copies of a document on both sides);
+   counts it), decoded back to text with the dataset's tokenizer (document separators become
+   blank lines). Data prepared by this version chooses the eval documents before packing and
+   before mixture repetition (manifest ``eval_split.by == "document"``): no document is on both
+   sides. Older manifests split packed rows: the text is then not called held out when a
+   document may straddle the boundary or the mixture repeated a source;
 3. the recipe's first data source (e.g. corpus ``shakespeare``): ``longtune prepare`` records
    per-source counts but not which documents went into training rows, so this text may have
    been trained on, and summary.md says so;
@@ -20,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .errors import EvalError
 
 #: Characters read at most from a source (tokenizing more is wasted when windows are capped).
 MAX_CHARS = 20_000_000
@@ -47,13 +54,19 @@ def _record_text(rec: dict, text_field: str) -> str | None:
     return None
 
 
-def read_source(src) -> list[tuple[str, str]]:
-    """``[(where, text)]`` of a ``SourceSection``."""
+def read_source(src, strict: bool = False) -> list[tuple[str, str]]:
+    """``[(where, text)]`` of a ``SourceSection``. ``strict`` (a user's own text): an empty or
+    binary (NUL bytes) document is a ``ValueError`` naming it instead of being skipped."""
     from data_prep.sources import LOADERS
 
     out, total = [], 0
     for where, rec in LOADERS[src.type](src):
         text = _record_text(rec, src.text_field)
+        if strict:
+            if text is None or not text.strip():
+                raise ValueError(f"{where} is empty (no text to evaluate on)")
+            if "\x00" in text:
+                raise ValueError(f"{where} is binary (NUL bytes), not text")
         if text:
             out.append((str(where), text))
             total += len(text)
@@ -114,7 +127,8 @@ def held_out_split(d: Path, manifest: dict, max_tokens: int | None = None) -> li
 
 
 def eval_text(run_dir: Path, recipe, max_tokens: int | None = None) -> EvalText | None:
-    """The evaluation documents (documents empty, with the reason in ``note``, when none can be read)."""
+    """The evaluation documents (documents empty, with the reason in ``note``, when none can be
+    read; an unusable ``eval.perplexity_source`` raises ``EvalError``)."""
     if recipe is not None and recipe.eval.perplexity_source is not None:
         src = recipe.eval.perplexity_source
         return _from_source(
@@ -122,6 +136,7 @@ def eval_text(run_dir: Path, recipe, max_tokens: int | None = None) -> EvalText 
             "eval.perplexity_source",
             True,
             "separate evaluation source (eval.perplexity_source); its overlap with training is not checked",
+            strict=True,
         )
     fallback_note = None
     d = data_dir(run_dir, recipe)
@@ -130,22 +145,29 @@ def eval_text(run_dir: Path, recipe, max_tokens: int | None = None) -> EvalText 
         try:
             docs = held_out_split(d, man, max_tokens)
             n = man["counts"]["eval"]
-            repeated = repeated_sources(man)
-            if repeated:
+            where = f"{d}, {n} rows of {man.get('seq_length')} tokens, data hash {str(man.get('data_hash'))[:12]}"
+            split = man.get("eval_split") or {}
+            if split.get("by") == "document":
+                named = [w for s in man.get("sources") or [] for w in (s.get("eval") or {}).get("where", [])]
+                shown = ", ".join(Path(w).name if "/" in w else w for w in named[:5])
+                more = f" and {len(named) - 5} more" if len(named) > 5 else ""
                 return EvalText(
                     docs,
-                    f"eval split of the prepared data ({d}, {n} rows of {man.get('seq_length')} tokens)",
-                    False,
-                    f"rows of the prepared dataset's eval split, but the mixture drew source(s) "
-                    f"{', '.join(repeated)} more than once (data.sources[].weight above their share), "
-                    "so documents of these rows may also be in training rows and perplexity may be "
-                    "optimistic. Set eval.perplexity_source for held-out text.",
+                    f"held-out eval split of the prepared data ({where}; {split.get('documents')} whole documents"
+                    + (f": {shown}{more}" if shown else "") + ")",
+                    True,
+                    "documents chosen for the eval split before packing and before mixture repetition "
+                    "(data.eval_fraction): no document of this text is in a training row",
                 )
+            repeated = repeated_sources(man)
             return EvalText(
                 docs,
-                f"held-out eval split of the prepared data ({d}, {n} rows of {man.get('seq_length')} tokens)",
-                True,
-                "rows of the prepared dataset's eval split (data.eval_fraction): never trained on",
+                f"eval split of the prepared data ({where})",
+                False,
+                "rows of an eval split prepared by an older longtune, which split packed rows: a document "
+                "cut at the boundary is on both sides"
+                + (f", and the mixture drew {', '.join(repeated)} more than once" if repeated else "")
+                + ", so perplexity may be optimistic. Run `longtune prepare --force` for a split by document.",
             )
         except Exception as e:  # noqa: BLE001 - fall back to the source, say why
             fallback_note = f"the eval split in {d} could not be read ({type(e).__name__}: {e})"
@@ -174,14 +196,18 @@ def eval_text(run_dir: Path, recipe, max_tokens: int | None = None) -> EvalText 
     )
 
 
-def _from_source(src, origin: str, held_out: bool | None, note: str) -> EvalText:
+def _from_source(src, origin: str, held_out: bool | None, note: str, strict: bool = False) -> EvalText:
     try:
-        docs = read_source(src)
-    except Exception as e:  # noqa: BLE001 - reported in the summary
+        docs = read_source(src, strict)
+    except Exception as e:  # noqa: BLE001 - reported in the summary (or refused, for the user's own text)
+        if strict:
+            raise EvalError(f"{origin} ({src.type}: {src.path}) cannot be used: {e}") from None
         return EvalText(
             [], f"{src.type}:{src.path}", None, f"could not read {origin} ({src.type}:{src.path}): {e}"
         )
     if not docs:
+        if strict:
+            raise EvalError(f"{origin} ({src.type}: {src.path}) has no text")
         return EvalText([], f"{src.type}:{src.path}", None, f"{origin} ({src.type}:{src.path}) has no text")
     return EvalText(
         [t for _, t in docs],

@@ -1,8 +1,10 @@
 """Model card (`README.md`) of an export: Hub metadata + what a user needs to run the model.
 
 Everything comes from the export directory itself (`config.json`, `kv_cache_config.json`,
-`longtune_export.json`) plus, when present, the run's `eval/summary.md` or `eval/results.json`;
-`refresh_card(run_dir)` rewrites it after `longtune eval`.
+`longtune_export.json`) plus, when present, the run's `eval/results.json`, rendered here with
+the eval suites' own section writers. The card is written where it is rendered: by
+`longtune export` and again by `longtune push` (`refresh_card`), so a pushed card shows the
+run's latest evaluation; `longtune eval` writes only under `eval/` and never touches the card.
 """
 
 from __future__ import annotations
@@ -61,22 +63,30 @@ def _layout_lines(layout: dict | None) -> list[str]:
 
 
 def _eval_section(eval_dir: Path | None) -> list[str]:
-    if eval_dir is None:
+    """The run's `eval/results.json` as markdown: each suite's section (figures are not part of
+    the export, so they are left out), the text it was measured on and the notes."""
+    if eval_dir is None or not (eval_dir / "results.json").is_file():
         return []
-    summary, results = eval_dir / "summary.md", eval_dir / "results.json"
-    if summary.is_file():
-        body = summary.read_text().strip()
-        # Demote headings so they sit under "## Evaluation".
-        body = "\n".join(("#" + line) if line.startswith("#") else line for line in body.splitlines())
-        return ["## Evaluation", "", body, ""]
-    if results.is_file():
-        try:
-            data = json.loads(results.read_text())
-        except json.JSONDecodeError:
-            return []
-        return ["## Evaluation", "", "From `eval/results.json`:", "", "```json",
-                json.dumps(data, indent=2)[:20000], "```", ""]  # fmt: skip
-    return []
+    try:
+        data = json.loads((eval_dir / "results.json").read_text())
+        from finetune.eval.report import table
+        from finetune.eval.suites import SUITES
+
+        out = ["## Evaluation", "", f"`longtune eval`, {data['created']}, {data['environment']['device']}."]
+        models = data.get("models") or {}
+        out += ["", table(["model", "source", "max positions", "KV cache"],
+                          [[n, i.get("source"), i.get("max_position_embeddings"), i.get("kv_cache")]
+                           for n, i in models.items()])]  # fmt: skip
+        out += [f"- {n}" for n in [""] + list(data.get("model_notes") or []) if n]
+        for name, suite in SUITES.items():
+            entry = data["suites"].get(name)
+            if entry is not None:
+                out += ["", f"### {suite.title}", "", suite.report(entry)]
+        for s, why in (data.get("skipped") or {}).items():
+            out.append(f"- {s} skipped: {why}")
+        return out + [""]
+    except Exception as e:  # noqa: BLE001 - a card without numbers beats no card; say why
+        return ["## Evaluation", "", f"`eval/results.json` could not be rendered ({type(e).__name__}: {e}).", ""]
 
 
 def _kv_lines(kv: dict | None) -> list[str]:
@@ -232,7 +242,8 @@ def write_card(export_dir: str | Path, eval_dir: str | Path | None = None) -> Pa
 
 
 def refresh_card(run_dir: str | Path, export_dir: str | Path | None = None) -> Path | None:
-    """For the eval stage: rewrite `<export>/README.md` with `<run_dir>/eval` results.
+    """Rewrite `<export>/README.md` with `<run_dir>/eval/results.json` (push calls it, so the
+    uploaded card shows the latest evaluation).
 
     Returns the card's path, or None when the run has no export yet.
     """

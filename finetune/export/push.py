@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from finetune import rundir
+from finetune.export.card import refresh_card
 from finetune.export.repo_id import check_repo_id
 
 #: Files an export must hold before it can be pushed.
@@ -95,11 +96,13 @@ def push(
     except ValueError as e:
         raise PushError(f"--repo: {e}") from None
     export_dir, run_dir = resolve_export_dir(export_dir)
-    files = upload_files(export_dir)
-    check_export(export_dir, files)
     stale = rundir.export_staleness(export_dir, run_dir)
     if stale:
         raise PushError(rundir.stale_message(stale, run_dir))
+    if run_dir is not None:  # the card shows the run's latest eval/results.json
+        refresh_card(run_dir, export_dir)
+    files = upload_files(export_dir)
+    check_export(export_dir, files)
     total = sum(s for _, s in files)
     visibility = "private" if private else "public"
     if dry_run:

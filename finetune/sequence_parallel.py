@@ -1,0 +1,191 @@
+"""Ulysses sequence parallelism through DeepSpeed ALST, accelerate and the HF Trainer.
+
+No sequence-parallel runtime lives here: accelerate's ``ParallelismConfig(sp_backend="deepspeed",
+sp_size=P)`` makes the Trainer register DeepSpeed's ``UlyssesSPAttentionHF`` around our
+"longtune" attention and wrap the training dataloader in ``UlyssesSPDataLoaderAdapter``
+(which shards every batch along the sequence and pre-shifts the labels). This module holds
+what our side must add (docs/long_sequences.md):
+
+- validation of the recipe (degree vs sequence length, heads, KV heads, world size, DeepSpeed),
+  run by the recipe schema and by the launcher before any process is spawned;
+- the attention's head offset: after Ulysses' all-to-all rank r holds the global heads
+  r*H/P .. (r+1)*H/P - 1, and S2/SF-Attn's shifted heads and block_sparse's per-head strides
+  are defined by the GLOBAL head index (kernels/heads.py applies it);
+- ``LongSequenceTrainer.compute_loss``: the loss of a sequence-parallel group is the sum of
+  every rank's token losses over the number of valid tokens of the group (not a mean of rank
+  means), optionally with the tiled logits + loss of finetune/memory.py.
+
+accelerate's ``DeepSpeedSequenceParallelConfig`` accepts only flash/sdpa names as the core
+attention at construction; DeepSpeed itself takes any implementation registered with
+transformers' AttentionInterface that equals the model's, so "longtune" is set on the handler
+after construction (``parallelism_config``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finetune.recipe import RecipeError
+
+KEY = "memory.sequence_parallel"
+
+
+# --------------------------------------------------------------------------- validation
+def check_heads(degree: int, heads: int, kv_heads: int, where: str = "model") -> None:
+    if heads % degree:
+        raise ValueError(f"{KEY}: {degree} does not divide the {heads} attention heads of the {where} "
+                         f"(num_attention_heads); Ulysses gives every rank heads/{KEY} whole heads")
+    if kv_heads % degree and degree % kv_heads:
+        raise ValueError(f"{KEY}: {degree} and the {kv_heads} KV heads of the {where} (num_key_value_heads) "
+                         f"must divide one another (KV heads are split, or replicated when fewer than {KEY})")
+
+
+def check_recipe(recipe) -> None:
+    """What the recipe alone decides (called by the schema); raises ValueError naming the key."""
+    mem = recipe.memory
+    P = mem.sequence_parallel
+    if mem.offload_activations and not recipe.training.gradient_checkpointing:
+        raise ValueError("memory.offload_activations: offloads the activation checkpoints, so it needs "
+                         "training.gradient_checkpointing: true")
+    if P == 1:
+        return
+    if not recipe.deepspeed.config:
+        raise ValueError(f"{KEY}: {P} needs DeepSpeed (Ulysses runs inside it) but deepspeed.config is null; "
+                         f"set deepspeed.config (e.g. recipes/deepspeed/zero2.json) or {KEY}: 1")
+    T = recipe.data.seq_length or recipe.rope.target_length
+    if T is not None and T % P:
+        raise ValueError(f"{KEY}: {P} does not divide the sequence length {T} "
+                         f"(data.seq_length or rope.target_length); every rank holds seq_length/{KEY} tokens")
+    if recipe.model.config is not None:
+        cfg = recipe.model.config
+        heads = int(cfg.get("num_attention_heads", 32))
+        check_heads(P, heads, int(cfg.get("num_key_value_heads") or heads), "model.config")
+    if recipe.data.format == "sft":
+        # The adapter needs every batch's width divisible by P; train.py pads to a multiple of P.
+        pass
+
+
+def check_world(recipe, world_size: int, config=None) -> None:
+    """The launcher's check, before any process is spawned: world size and the real model's heads."""
+    P = recipe.memory.sequence_parallel
+    if P == 1:
+        return
+    if world_size % P:
+        raise RecipeError(f"{KEY}: {P} does not divide the world size {world_size} (ranks: --ngpus / "
+                          f"deepspeed.num_gpus x nodes); the ranks form world/{KEY} sequence-parallel groups")
+    if config is not None:
+        try:
+            check_heads(P, config.num_attention_heads,
+                        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                        recipe.model.name_or_path or "model.config")
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+
+
+def degree(recipe) -> int:
+    return recipe.memory.sequence_parallel
+
+
+# --------------------------------------------------------------------------- wiring
+def parallelism_config(recipe):
+    """accelerate's ParallelismConfig for TrainingArguments, or None at degree 1."""
+    P = recipe.memory.sequence_parallel
+    if P == 1:
+        return None
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True)
+    # Set after construction: its __post_init__ only knows flash/sdpa (module docstring).
+    handler.sp_attn_implementation = "longtune"
+    return ParallelismConfig(sp_size=P, sp_backend="deepspeed", sp_handler=handler)
+
+
+def sp_head_offset(local_heads: int) -> int:
+    """First global head this rank holds after Ulysses' all-to-all."""
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+
+    return mpu.get_sequence_parallel_rank() * local_heads
+
+
+def install(recipe) -> None:
+    """Per process, before the Trainer: lets the attention find its global heads."""
+    if recipe.memory.sequence_parallel > 1:
+        from kernels.registry import set_head_offset
+
+        set_head_offset(sp_head_offset)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DeepSpeed's engine and peft's wrapper."""
+    m = getattr(model, "module", model)
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()
+    return m
+
+
+# --------------------------------------------------------------------------- trainer
+def trainer_class():
+    from transformers import Trainer
+
+    class LongSequenceTrainer(Trainer):
+        """HF Trainer whose loss knows sequence parallelism and the tiled loss.
+
+        Without either feature it is the stock Trainer (``compute_loss`` defers to it)."""
+
+        longtune_recipe: Any = None
+
+        def _sp_active(self, model) -> bool:
+            pc = getattr(self.accelerator, "parallelism_config", None)
+            return bool(pc is not None and pc.sp_backend == "deepspeed" and pc.sp_enabled and model.training)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from finetune.memory import final_hidden_states, no_logits, offload_context, shift_labels, tiled_loss_sum
+
+            mem = self.longtune_recipe.memory
+            sp = self._sp_active(model)
+            if not (sp or mem.tiled_loss or mem.offload_activations):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs = dict(inputs)
+            if "shift_labels" in inputs:  # the Ulysses adapter shifted before sharding
+                targets = inputs.pop("shift_labels")
+                inputs.pop("labels", None)
+            else:
+                targets = shift_labels(inputs.pop("labels"))
+            with offload_context(self.longtune_recipe):
+                if mem.tiled_loss:
+                    with final_hidden_states(model) as box:
+                        outputs = model(**inputs, logits_to_keep=no_logits(targets.device))
+                    loss_sum = tiled_loss_sum(unwrap(model).get_output_embeddings(), box["hidden"], targets,
+                                              mem.tiled_loss_tokens)
+                else:
+                    outputs = model(**inputs)
+                    logits = outputs.logits.float()
+                    loss_sum = torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+            count = (targets != -100).sum()
+            if sp:
+                import torch.distributed as dist
+                import torch.distributed.nn.functional as dnn
+                from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+
+                group = mpu.get_sequence_parallel_group()
+                # Every rank returns the group's loss; the differentiable all-reduce sends each
+                # rank's share of the gradient back to it (DeepSpeed averages over the ranks).
+                loss_sum = dnn.all_reduce(loss_sum, group=group)
+                count = count.clone()
+                dist.all_reduce(count, group=group)
+                loss = loss_sum / count.clamp(min=1)
+            elif self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                # The stock path: sum over every micro-batch's tokens (all ranks with
+                # average_tokens_across_devices), as transformers' ForCausalLMLoss does.
+                loss = loss_sum / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            else:
+                loss = loss_sum / count.clamp(min=1)
+            return (loss, outputs) if return_outputs else loss
+
+    return LongSequenceTrainer

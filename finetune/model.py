@@ -213,8 +213,14 @@ def build_model(recipe: Recipe, config: PretrainedConfig | None = None) -> torch
     """The trainable model of a recipe: base + RoPE + layout + LoRA (`config`: a built one)."""
     model = build_base_model(recipe, config)
     model = apply_lora(model, recipe)
+    if recipe.memory.tiled_mlp:
+        from finetune.memory import install_tiled_mlp
+
+        install_tiled_mlp(model, recipe.memory.tiled_mlp_tokens)
     if recipe.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Offloading needs the reentrant form, whose layer inputs are saved tensors (finetune/memory.py).
+        reentrant = recipe.memory.offload_activations
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.config.use_cache = False
     return model
 

@@ -118,6 +118,13 @@ def install(recipe) -> None:
         set_head_offset(sp_head_offset)
 
 
+def report() -> dict:
+    """For run.json: this rank's attention calls on a head slice (empty without SP)."""
+    from kernels.registry import head_slice_calls
+
+    return {"head_slice_calls": head_slice_calls()}
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside DeepSpeed's engine and peft's wrapper."""
     m = getattr(model, "module", model)
@@ -168,16 +175,18 @@ def trainer_class():
             count = (targets != -100).sum()
             if sp:
                 import torch.distributed as dist
-                import torch.distributed.nn.functional as dnn
                 from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
 
                 group = mpu.get_sequence_parallel_group()
-                # Every rank returns the group's loss; the differentiable all-reduce sends each
-                # rank's share of the gradient back to it (DeepSpeed averages over the ranks).
-                loss_sum = dnn.all_reduce(loss_sum, group=group)
+                total = loss_sum.detach().clone()
                 count = count.clone()
+                dist.all_reduce(total, group=group)
                 dist.all_reduce(count, group=group)
-                loss = loss_sum / count.clamp(min=1)
+                # The value is the group's loss on every rank; the gradient is this rank's own
+                # tokens' share only: DeepSpeed SUMS gradients over the sequence-parallel ranks
+                # (it divides by the data-parallel size alone). A differentiable all-reduce
+                # would hand every rank the whole group's gradient: P times too large.
+                loss = (loss_sum + (total - loss_sum.detach())) / count.clamp(min=1)
             elif self.model_accepts_loss_kwargs and num_items_in_batch is not None:
                 # The stock path: sum over every micro-batch's tokens (all ranks with
                 # average_tokens_across_devices), as transformers' ForCausalLMLoss does.

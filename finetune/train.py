@@ -94,6 +94,7 @@ def training_arguments(recipe: Recipe, has_eval: bool):
 
     from finetune.launch import deepspeed_config
     from finetune.model import training_precision
+    from finetune.sequence_parallel import parallelism_config
 
     t = recipe.training
     prec = training_precision(recipe)
@@ -127,6 +128,7 @@ def training_arguments(recipe: Recipe, has_eval: bool):
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_num_workers,
         deepspeed=deepspeed_config(recipe),
+        parallelism_config=parallelism_config(recipe),
         gradient_checkpointing=False,  # enabled on the model in build_model (peft-aware)
         ddp_find_unused_parameters=False,
         optim="adamw_torch",
@@ -226,13 +228,16 @@ def _save_base(trainer, model, path: Path, base_config) -> None:
 
 
 def train(recipe: Recipe, overwrite: bool = False) -> Path:
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from data_prep.collate import DataCollator
     from data_prep.prepare import is_prepared, prepare
     from finetune.model import build_config, build_model, count_parameters
 
     check_run_dir(recipe, overwrite=overwrite)
+    from finetune import sequence_parallel
+
+    sequence_parallel.check_world(recipe, int(os.environ.get("WORLD_SIZE", "1")))
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         write_resolved(recipe)
@@ -273,12 +278,16 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     check = KernelCheck(expected_patterns(model.config.longtune_attention), start_step)
     if resume_from and rank == 0:
         print(f"[longtune] resuming from {resume_from}")
-    trainer = Trainer(
+    sequence_parallel.install(recipe)
+    trainer_cls = sequence_parallel.trainer_class()
+    trainer_cls.longtune_recipe = recipe
+    sp = sequence_parallel.degree(recipe)
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=sp if sp > 1 else None),
         callbacks=[check],
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -296,6 +305,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
             "trainable_params": trainable,
             "total_params": total,
             "recipe_hash": identity_hash(recipe),
+            "sequence_parallel": sequence_parallel.report(),
         }
         (Path(recipe.run_dir) / "run.json").write_text(json.dumps(status, indent=2, default=str))
         print(f"[longtune] saved {final}")

@@ -31,6 +31,14 @@ _CALLS: Counter = Counter()
 _HEAD_OFFSET = None
 
 
+_SLICE_CALLS: Counter = Counter()
+
+
+def head_slice_calls() -> dict[int, int]:
+    """Calls per first global head that ran on a slice of the heads (sequence parallelism)."""
+    return dict(_SLICE_CALLS)
+
+
 def set_head_offset(fn) -> None:
     """``fn(local_heads) -> offset``: used when a call holds fewer heads than the model has."""
     global _HEAD_OFFSET
@@ -49,7 +57,9 @@ def head_slice(module, local_heads: int):
         )
     from kernels.heads import HeadSlice
 
-    return HeadSlice(int(_HEAD_OFFSET(local_heads)), local_heads, int(total))
+    sl = HeadSlice(int(_HEAD_OFFSET(local_heads)), local_heads, int(total))
+    _SLICE_CALLS[sl.offset] += 1
+    return sl
 
 
 def kernel_calls() -> dict[tuple[str, str], int]:

@@ -480,6 +480,8 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
             lines.append(f"  {key}: unknown key{hint} (valid: {', '.join(valid)})")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
+        elif not loc and e["type"] == "value_error":  # a cross-section check: its message names the keys
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             got = e.get("input")
             got_s = f" (got {got!r})" if not isinstance(got, dict) else ""

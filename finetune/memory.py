@@ -152,6 +152,7 @@ class OffloadCheckpoints(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, min_bytes: int = 1 << 16):
         self.offloaded_bytes = 0
+        self.offloaded_shapes: list[tuple[int, ...]] = []
         self.min_bytes = min_bytes
 
         def pack(t: torch.Tensor):
@@ -159,6 +160,7 @@ class OffloadCheckpoints(torch.autograd.graph.saved_tensors_hooks):
             if nbytes < self.min_bytes or isinstance(t, torch.nn.Parameter):  # weights stay
                 return t
             self.offloaded_bytes += nbytes
+            self.offloaded_shapes.append(tuple(t.shape))
             if t.device.type == "cpu":
                 return (t.device, t)
             cpu = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
@@ -174,8 +176,27 @@ class OffloadCheckpoints(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, unpack)
 
 
-def offload_context(recipe):
+def offload_context(memory):
     """The context the forward of a training step runs in (a no-op without offload)."""
     import contextlib
 
-    return OffloadCheckpoints() if recipe.memory.offload_activations else contextlib.nullcontext()
+    return OffloadCheckpoints() if memory.offload_activations else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- the step's loss
+def loss_sum_and_outputs(model, inputs: dict, targets: torch.Tensor, memory):
+    """(sum of the token losses against ``targets`` (shifted labels), model outputs) of one
+    forward, with the recipe's ``memory`` features; the caller divides by its token count."""
+    with offload_context(memory):
+        if memory.tiled_loss:
+            with final_hidden_states(model) as box:
+                outputs = model(**inputs, logits_to_keep=no_logits(targets.device))
+            from finetune.sequence_parallel import unwrap
+
+            head = unwrap(model).get_output_embeddings()
+            return tiled_loss_sum(head, box["hidden"], targets, memory.tiled_loss_tokens), outputs
+        outputs = model(**inputs)
+        logits = outputs.logits.float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                               reduction="sum")
+        return loss, outputs

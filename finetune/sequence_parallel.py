@@ -149,7 +149,7 @@ def trainer_class():
             return bool(pc is not None and pc.sp_backend == "deepspeed" and pc.sp_enabled and model.training)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from finetune.memory import final_hidden_states, no_logits, offload_context, shift_labels, tiled_loss_sum
+            from finetune.memory import loss_sum_and_outputs, shift_labels
 
             mem = self.longtune_recipe.memory
             sp = self._sp_active(model)
@@ -161,17 +161,7 @@ def trainer_class():
                 inputs.pop("labels", None)
             else:
                 targets = shift_labels(inputs.pop("labels"))
-            with offload_context(self.longtune_recipe):
-                if mem.tiled_loss:
-                    with final_hidden_states(model) as box:
-                        outputs = model(**inputs, logits_to_keep=no_logits(targets.device))
-                    loss_sum = tiled_loss_sum(unwrap(model).get_output_embeddings(), box["hidden"], targets,
-                                              mem.tiled_loss_tokens)
-                else:
-                    outputs = model(**inputs)
-                    logits = outputs.logits.float()
-                    loss_sum = torch.nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+            loss_sum, outputs = loss_sum_and_outputs(model, inputs, targets, mem)
             count = (targets != -100).sum()
             if sp:
                 import torch.distributed as dist

@@ -78,6 +78,10 @@ def dry_run(recipe: Recipe, ngpus: int | None) -> dict:
           f"{est['precision']}, seq {recipe.seq_length}, batch {recipe.training.per_device_batch_size}):")
     for k, v in est["per_gpu_gib"].items():
         print(f"#   {k:<22} {v:8.2f} GiB")
+    m = recipe.memory
+    print(f"# sequence parallel {m.sequence_parallel} ({recipe.seq_length // m.sequence_parallel} tokens per rank), "
+          f"tiled loss {m.tiled_loss}, tiled MLP {m.tiled_mlp}, checkpoint offload {m.offload_activations} "
+          "(offloaded_to_cpu: host memory, not in the total)")
     print("# an estimate from the config alone (no weights loaded); attention layout: "
           + ", ".join(sorted(set(est["attention_layers"]))))
     return est

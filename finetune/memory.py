@@ -200,3 +200,53 @@ def loss_sum_and_outputs(model, inputs: dict, targets: torch.Tensor, memory):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                                reduction="sum")
         return loss, outputs
+
+
+# --------------------------------------------------------------------------- estimate
+#: Elements per (local) token that one decoder layer keeps for its backward, besides its MLP:
+#: the input norm's output, q, o (h each), k, v (kv each), rotary q/k copies (h + kv), the
+#: attention output and o_proj's output (h each), the residual sum (h).
+ATTN_PER_TOKEN = (6, 3)  # (x hidden, x kv width)
+#: The MLP: post-attention norm output and down_proj output (h each); gate, up, act(gate),
+#: act(gate) * up (F each).
+MLP_PER_TOKEN = (2, 4)  # (x hidden, x FFN)
+#: Ulysses' all-to-all copies: q, k, v gathered over the sequence and the output sent back.
+ULYSSES_PER_TOKEN = (2, 2)  # (x hidden, x kv width)
+#: fp32 logits, their log-softmax and its gradient exist together in the cross entropy.
+LOGITS_COPIES = 3
+
+
+def activation_estimate(recipe, config, act_bytes: int) -> dict[str, float]:
+    """Bytes of activations per rank for one micro-batch: what the dry run adds to weights and
+    optimizer states. Models sequence parallelism (T/P tokens per rank; attention's heads/P of
+    the whole sequence hold the same number of elements), gradient checkpointing (the layer
+    inputs plus one layer recomputed with its gradients), tiled MLP, tiled loss and the
+    checkpoint offload (reported as ``offloaded_to_cpu``, host memory, not in the total)."""
+    mem = recipe.memory
+    h, layers, F = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    heads = config.num_attention_heads
+    kv = h * (getattr(config, "num_key_value_heads", None) or heads) // heads
+    V = config.vocab_size
+    P = mem.sequence_parallel
+    b = recipe.training.per_device_batch_size
+    tokens = b * recipe.seq_length // P
+    mlp_tokens = tokens
+    if mem.tiled_mlp:
+        mlp_tokens = min(tokens, b * int(mem.tiled_mlp_tokens or h))
+    per_layer = tokens * (ATTN_PER_TOKEN[0] * h + ATTN_PER_TOKEN[1] * kv + MLP_PER_TOKEN[0] * h)
+    per_layer += mlp_tokens * MLP_PER_TOKEN[1] * F
+    if P > 1:
+        per_layer += tokens * (ULYSSES_PER_TOKEN[0] * h + ULYSSES_PER_TOKEN[1] * kv)
+    per_layer *= act_bytes
+    checkpoints = 0.0
+    if recipe.training.gradient_checkpointing:
+        checkpoints = layers * tokens * h * act_bytes
+        layers_bytes = 2 * per_layer  # the recomputed layer and its gradients
+    else:
+        layers_bytes = (layers + 1) * per_layer
+    logit_tokens = min(tokens, b * mem.tiled_loss_tokens) if mem.tiled_loss else tokens
+    logits = logit_tokens * V * 4 * LOGITS_COPIES
+    if act_bytes != 4:
+        logits += logit_tokens * V * act_bytes  # the lm_head output before the fp32 upcast
+    offloaded = checkpoints if mem.offload_activations else 0.0
+    return {"activations": layers_bytes + checkpoints - offloaded, "logits": logits, "offloaded_to_cpu": offloaded}

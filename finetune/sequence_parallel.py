@@ -133,6 +133,23 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return m
 
 
+def zero3_gradient_factor(recipe) -> int:
+    """P under ZeRO-3 with reduce-scatter (its default), else 1.
+
+    DeepSpeed 0.19.8's ZeRO-3 reduce-scatter path (``__avg_scatter_grads``) averages gradients
+    over the whole sequence-data-parallel group, P times more ranks than its other paths (ZeRO-1/2
+    and ZeRO-3's all-reduce path divide by world / P): the gradient would be 1/P of the data's.
+    Scaling what this rank back-propagates by P restores it (tests/test_train_sp.py compares the
+    gradient norms of a ZeRO-3 degree-2 run with a degree-1 run)."""
+    from finetune.launch import deepspeed_config
+
+    P = recipe.memory.sequence_parallel
+    zero = (deepspeed_config(recipe) or {}).get("zero_optimization", {})
+    if P > 1 and int(zero.get("stage", 0)) == 3 and zero.get("reduce_scatter", True):
+        return P
+    return 1
+
+
 # --------------------------------------------------------------------------- trainer
 def trainer_class():
     from transformers import Trainer
@@ -176,7 +193,8 @@ def trainer_class():
                 # tokens' share only: DeepSpeed SUMS gradients over the sequence-parallel ranks
                 # (it divides by the data-parallel size alone). A differentiable all-reduce
                 # would hand every rank the whole group's gradient: P times too large.
-                loss = (loss_sum + (total - loss_sum.detach())) / count.clamp(min=1)
+                scaled = loss_sum * zero3_gradient_factor(self.longtune_recipe)
+                loss = (scaled + (total - scaled.detach())) / count.clamp(min=1)
             elif self.model_accepts_loss_kwargs and num_items_in_batch is not None:
                 # The stock path: sum over every micro-batch's tokens (all ranks with
                 # average_tokens_across_devices), as transformers' ForCausalLMLoss does.

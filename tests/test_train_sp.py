@@ -44,9 +44,21 @@ def short_docs(tmp: Path) -> Path:
     return d
 
 
+def base_model(tmp: Path) -> Path:
+    path = tmp / "base"
+    if not path.is_dir():
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**MODEL)).save_pretrained(path)
+    return path
+
+
 def recipe(tmp: Path, run: str, pattern: str, sparse: str, sp: int) -> Path:
     """Degree 1: one process without DeepSpeed (run in the test's process: no launcher start-up);
-    degree 2: 2 DeepSpeed CPU ranks, ZeRO-2."""
+    degree 2: 2 DeepSpeed CPU ranks, ZeRO-2 (block_sparse pair) or ZeRO-3 (sink_window pair, with
+    gradient checkpointing and the checkpoint offload). The base weights are loaded from a saved
+    directory: ZeRO-3 initialises a model built from a config differently (zero.Init)."""
     attention = {"pattern": pattern} if pattern == "causal" else {"pattern": pattern, "group_ratio": 0.25,
                                                                     "num_sink_tokens": 3}
     memory = {"sequence_parallel": sp}
@@ -61,14 +73,15 @@ def recipe(tmp: Path, run: str, pattern: str, sparse: str, sp: int) -> Path:
     r = {
         "name": f"sp-{run}",
         "run_dir": str(tmp / run),
-        "model": {"config": MODEL, "tokenizer": "byte"},
+        "model": {"name_or_path": str(base_model(tmp)), "tokenizer": "byte"},
         "attention": attention,
         "hybrid": {"full_layers": [1], "sparse": SPARSE[sparse]},
         "lora": {"r": 4, "alpha": 8},
         "data": {"sources": [{"type": "text", "path": str(short_docs(tmp))}], "seq_length": 64,
                  "output_dir": str(tmp / "data")},
         "training": training,
-        "deepspeed": {"config": "recipes/deepspeed/zero2.json" if sp > 1 else None, "master_port": free_port()},
+        "deepspeed": {"config": (f"recipes/deepspeed/zero{2 if sparse == 'block_sparse' else 3}.json" if sp > 1 else None),
+                      "master_port": free_port()},
         "memory": memory,
     }
     validate(r)

@@ -144,7 +144,7 @@ def measure(variant: str, length: int, timeout: int) -> dict:
     # freed, so the resident set follows the live tensors (glibc otherwise keeps freed heap).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
         return {"variant": variant, "length": length, "error": f"timeout {timeout}s"}
     for line in reversed(p.stdout.splitlines()):
@@ -160,15 +160,15 @@ def table(rows: list[dict], argv_text: str) -> str:
     import torch
 
     lines = [START, "## Long sequences: one SmolLM2-135M training step (`longtune bench long`)", "",
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-             f"{platform.system()}. Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+             (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+             f"{platform.system()}. Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."),
              f"Command: `python -m finetune.long_bench {argv_text}`.", "",
-             "LoRA+ (r 8 on q/k/v/o, embeddings and norms trained), fp32, batch 1, gradient checkpointing, one "
+             ("LoRA+ (r 8 on q/k/v/o, embeddings and norms trained), fp32, batch 1, gradient checkpointing, one "
              "forward + backward + AdamW step on random tokens, one model per process. `longtune`: SF-Attn "
              "(group 1/4, 4 sinks) on the CPU block kernels; `+memory`: tiled loss, tiled MLP and checkpoint "
              "offload on (the offload cannot save host memory on a CPU); `peer`: transformers SDPA (full causal) "
              "+ peft LoRA, same rank and trained modules. Peak = peak resident set minus the resident set before "
-             "the model was built. Estimate = `longtune train --dry-run`'s per-rank total for that run.", "",
+             "the model was built. Estimate = `longtune train --dry-run`'s per-rank total for that run."), "",
              "| tokens | variant | step s | peak GiB | speed-up vs peer | estimate GiB | estimate / peak |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     peer = {r["length"]: r for r in rows if r["variant"] == "peer" and "error" not in r}

@@ -8,8 +8,6 @@ measures the allocator's peak."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -38,7 +38,7 @@ def short_docs(tmp: Path) -> Path:
     d = tmp / "corpus"
     d.mkdir(exist_ok=True)
     rng = random.Random(0)
-    words = "the quick brown fox jumps over a lazy dog all that glitters is not gold".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "all", "that", "glitters", "is", "not", "gold"]
     for i in range(40):
         (d / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) + ".")
     return d

@@ -56,6 +56,8 @@ def tiled_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, shift_labels:
                                reduction="sum")
 
     T = hidden.shape[1]
+    if tile_count(T, tile_tokens) == 1:  # one tile holds every token: no recomputation needed
+        return loss_fn(hidden, shift_labels)
     return sequence_tiled_compute(
         loss_fn, T, tile_count(T, tile_tokens),
         kwargs_to_shard={"x": hidden, "y": shift_labels}, kwargs_to_pass={},

@@ -62,9 +62,6 @@ def check_recipe(recipe) -> None:
         cfg = recipe.model.config
         heads = int(cfg.get("num_attention_heads", 32))
         check_heads(P, heads, int(cfg.get("num_key_value_heads") or heads), "model.config")
-    if recipe.data.format == "sft":
-        # The adapter needs every batch's width divisible by P; train.py pads to a multiple of P.
-        pass
 
 
 def check_world(recipe, world_size: int, config=None) -> None:

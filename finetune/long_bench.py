@@ -167,8 +167,8 @@ def table(rows: list[dict], argv_text: str) -> str:
              "forward + backward + AdamW step on random tokens, one model per process. `longtune`: SF-Attn "
              "(group 1/4, 4 sinks) on the CPU block kernels; `+memory`: tiled loss, tiled MLP and checkpoint "
              "offload on (the offload cannot save host memory on a CPU); `peer`: transformers SDPA (full causal) "
-             "+ peft LoRA, same rank and trained modules. Peak = peak resident set minus the resident set before "
-             "the model was built. Estimate = `longtune train --dry-run`'s per-rank total for that run."), "",
+             "+ peft LoRA, same rank and trained modules. Peak = peak resident set during the step (Linux VmHWM, "
+             "reset after loading) minus the resident set before the model was built. Estimate = `longtune train --dry-run`'s per-rank total for that run."), "",
              "| tokens | variant | step s | peak GiB | speed-up vs peer | estimate GiB | estimate / peak |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     peer = {r["length"]: r for r in rows if r["variant"] == "peer" and "error" not in r}

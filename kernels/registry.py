@@ -69,6 +69,7 @@ def kernel_calls() -> dict[tuple[str, str], int]:
 
 def reset_kernel_calls() -> None:
     _CALLS.clear()
+    _SLICE_CALLS.clear()
 
 
 def _layer_spec(module) -> tuple[dict, dict]:

@@ -13,10 +13,11 @@ never inflates another's peak):
 A step is forward + backward + one AdamW update on random tokens; time is wall clock of the
 step (not the model load), peak memory is the process's peak resident set during the step
 (Linux VmHWM, reset after loading) minus its resident set before the model was built. ``longtune`` rows also show the dry-run estimate
-(finetune/model.py ``estimate``, one rank, no DeepSpeed) and its ratio to the measurement.
+(finetune/model.py ``estimate``, one rank, no DeepSpeed) and its ratio to the measurement;
+``--estimate-lengths`` (default 1024 2048) adds ``longtune`` rows at cheap lengths for that check.
 
 The table goes to docs/benchmarks.md between the bench:long markers. The full run (4k..32k,
-~1 hour on 2 cores) is for a quiet machine; ``--lengths 256 --no-write`` smoke-tests it.
+~1 hour on 2 cores) is for a quiet machine; ``--lengths 256 --estimate-lengths --no-write`` smoke-tests it.
 """
 
 from __future__ import annotations
@@ -199,6 +200,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="longtune bench long", description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--estimate-lengths", type=int, nargs="*", default=[1024, 2048],
+                    help="extra `longtune` rows holding the dry-run estimate against the measured peak")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per measurement")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     ap.add_argument("--worker", nargs=2, metavar=("VARIANT", "LENGTH"), help=argparse.SUPPRESS)
@@ -208,6 +211,10 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]))), flush=True)
         return 0
     rows = []
+    for length in args.estimate_lengths:
+        r = measure("longtune", length, args.timeout)
+        print(json.dumps(r), flush=True)
+        rows.append(r)
     for length in args.lengths:
         for variant in args.variants:
             r = measure(variant, length, args.timeout)

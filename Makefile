@@ -15,6 +15,7 @@ HOSTFILE ?=
 ARGS ?=
 REPO ?=
 PRIVATE ?=
+LONG_ARGS ?=
 
 .PHONY: setup test demo train prepare export eval push bench dry-run lint clean
 
@@ -66,6 +67,7 @@ push: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m finetune.cli bench attention $(ARGS)
 	$(PY) -m finetune.cli bench kv $(ARGS)
+	$(PY) -m finetune.cli bench long $(LONG_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check finetune data_prep kernels tests

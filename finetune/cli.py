@@ -19,7 +19,8 @@ commands:
   export  RUN_DIR [--force]       merge LoRA, write safetensors + KV-cache config + model card
   push    RUN_DIR --repo user/x   upload an export to the Hugging Face Hub (--dry-run lists files)
   eval    RUN_DIR                 run the recipe's evaluation suites
-  bench   attention|kv [...]      attention-kernel or KV-cache benchmarks -> docs/benchmarks.md
+  bench   attention|kv|long [...] attention-kernel, KV-cache or long-sequence training benchmarks
+                                  -> docs/benchmarks.md
   recipe  RECIPE [k=v ...]        validate a recipe and print it resolved
 
 --debug: show the traceback of a failure instead of a one-paragraph error
@@ -75,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     elif cmd == "recipe":
         run = _recipe
     elif cmd == "bench":
-        if not rest or rest[0] not in ("attention", "kv"):
-            print("usage: longtune bench attention|kv [...]", file=sys.stderr)
+        if not rest or rest[0] not in ("attention", "kv", "long"):
+            print("usage: longtune bench attention|kv|long [...]", file=sys.stderr)
             return 2
         if rest[0] == "attention":
             from kernels.bench import main as run
+        elif rest[0] == "long":
+            from finetune.long_bench import main as run
         else:
             from finetune.caches.bench import main as run
         rest = rest[1:]

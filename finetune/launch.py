@@ -30,9 +30,21 @@ def world(recipe: Recipe, ngpus: int | None) -> tuple[int, bool]:
     return (ngpus or recipe.deepspeed.num_gpus or CPU_RANKS), True
 
 
+def preflight(recipe: Recipe, ngpus: int | None, hostfile: str | None = None) -> None:
+    """Checks that need the world size or the model's config, before any process is spawned."""
+    from finetune.model import load_base_config
+    from finetune.sequence_parallel import check_world
+
+    if recipe.memory.sequence_parallel > 1:
+        n, _ = world(recipe, ngpus)
+        multi_node = bool(hostfile or recipe.deepspeed.hostfile)  # world = nodes x n: DeepSpeed checks
+        check_world(recipe, recipe.memory.sequence_parallel if multi_node else n, load_base_config(recipe))
+
+
 def dry_run(recipe: Recipe, ngpus: int | None) -> dict:
     from finetune.model import estimate
 
+    preflight(recipe, ngpus)
     n, on_cpu = world(recipe, ngpus)
     est = estimate(recipe, n, zero_stage(recipe))
     print("# resolved recipe")
@@ -43,6 +55,10 @@ def dry_run(recipe: Recipe, ngpus: int | None) -> dict:
           f"{est['precision']}, seq {recipe.seq_length}, batch {recipe.training.per_device_batch_size}):")
     for k, v in est["per_gpu_gib"].items():
         print(f"#   {k:<22} {v:8.2f} GiB")
+    m = recipe.memory
+    print(f"# sequence parallel {m.sequence_parallel} ({recipe.seq_length // m.sequence_parallel} tokens per rank), "
+          f"tiled loss {m.tiled_loss}, tiled MLP {m.tiled_mlp}, checkpoint offload {m.offload_activations} "
+          "(offloaded_to_cpu: host memory, not in the total)")
     print("# an estimate from the config alone (no weights loaded); attention layout: "
           + ", ".join(sorted(set(est["attention_layers"]))))
     from finetune import architectures
@@ -96,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.dry_run:
             dry_run(recipe, a.ngpus)
             return 0
+        preflight(recipe, a.ngpus, a.hostfile)
         from data_prep.prepare import is_prepared, prepare
 
         gone = check_run_dir(recipe, overwrite=overwrite)

@@ -228,8 +228,14 @@ def build_model(recipe: Recipe, config: PretrainedConfig | None = None) -> torch
     """The trainable model of a recipe: base + RoPE + layout + LoRA (`config`: a built one)."""
     model = build_base_model(recipe, config)
     model = apply_lora(model, recipe)
+    if recipe.memory.tiled_mlp:
+        from finetune.memory import install_tiled_mlp
+
+        install_tiled_mlp(model, recipe.memory.tiled_mlp_tokens)
     if recipe.training.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # Offloading needs the reentrant form, whose layer inputs are saved tensors (finetune/memory.py).
+        reentrant = recipe.memory.offload_activations
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
         model.config.use_cache = False
     return model
 
@@ -269,24 +275,22 @@ def estimate(recipe: Recipe, num_gpus: int, zero_stage: int | None) -> dict[str,
     trainable, total = count_parameters(model)
     prec = training_precision(recipe)
     wbytes = 0.5 if recipe.lora.mode == "qlora" else (2 if prec in ("bf16", "fp16") else 4)
-    weights = total * wbytes
-    # Trainable: grads (working dtype) + fp32 master + Adam m and v.
-    states = trainable * ((2 if prec != "fp32" else 4) + 12)
+    # peft keeps the frozen original of every fully trained module (modules_to_save) too.
+    originals = sum(p.numel() for n, p in model.named_parameters() if ".original_module." in n)
+    weights = (total + originals) * wbytes
+    # Trainable: grads (working dtype) + fp32 master (DeepSpeed always keeps one) + Adam m and v.
+    master = 0 if zero_stage is None and prec == "fp32" else 4
+    states = trainable * ((2 if prec != "fp32" else 4) + 8 + master)
     n = max(1, num_gpus)
     if zero_stage == 3:
         weights /= n
         states /= n
     elif zero_stage in (1, 2):
         states = trainable * (2 if prec != "fp32" else 4) + trainable * 12 / n
-    h, layers = config.hidden_size, config.num_hidden_layers
-    T, b = recipe.seq_length, recipe.training.per_device_batch_size
-    act_bytes = 2 if prec != "fp32" else 4
-    if recipe.training.gradient_checkpointing:
-        # Layer inputs kept for recomputation + one layer's full activations.
-        activations = b * T * h * act_bytes * (layers + 34)
-    else:
-        activations = b * T * h * act_bytes * 34 * layers
-    logits = b * T * config.vocab_size * 4 * 2
+    from finetune.memory import activation_estimate
+
+    act = activation_estimate(recipe, config, 2 if prec != "fp32" else 4)  # memory section, SP included
+    activations, logits = act["activations"], act["logits"]
     total_bytes = weights + states + activations + logits
     return {
         "trainable_params": trainable,
@@ -300,7 +304,9 @@ def estimate(recipe: Recipe, num_gpus: int, zero_stage: int | None) -> dict[str,
             "activations": activations / 2**30,
             "logits": logits / 2**30,
             "total": total_bytes / 2**30,
+            "offloaded_to_cpu": act["offloaded_to_cpu"] / 2**30,
         },
+        "sequence_parallel": recipe.memory.sequence_parallel,
         "rope": config.longtune_rope,
         "max_position_embeddings": config.max_position_embeddings,
         "attention_layers": [l["pattern"] for l in config.longtune_attention["layers"]],

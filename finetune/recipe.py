@@ -259,6 +259,27 @@ class DeepSpeedSection(Section):
     master_port: int = 29500
 
 
+class MemorySection(Section):
+    """How a long sequence fits (DeepSpeed ALST, docs/long_sequences.md): Ulysses sequence
+    parallelism plus the per-rank memory features. Defaults change nothing."""
+
+    #: Sequence-parallel degree P (DeepSpeed Ulysses): each sequence is split over P ranks,
+    #: attention runs on H/P heads of the whole sequence. Needs DeepSpeed; seq_length, the
+    #: attention heads, the KV heads (or P by the KV heads) and the world size divisible by P.
+    sequence_parallel: int = Field(default=1, ge=1)
+    #: Logits + loss in tiles along the sequence: the [tokens, vocab] fp32 logits never exist.
+    tiled_loss: bool = False
+    #: Tokens per loss tile.
+    tiled_loss_tokens: int = Field(default=4096, gt=0)
+    #: MLP in tiles along the sequence (recomputed in backward): no [tokens, FFN] activations.
+    tiled_mlp: bool = False
+    #: Tokens per MLP tile; None = hidden_size (ALST's choice: ceil(tokens / hidden) tiles).
+    tiled_mlp_tokens: int | None = Field(default=None, gt=0)
+    #: Keep the activation checkpoints (each layer's input) in CPU memory between forward and
+    #: backward; needs training.gradient_checkpointing.
+    offload_activations: bool = False
+
+
 # --------------------------------------------------------------------------- export
 class KVCacheSection(Section):
     """KV-cache inference config written beside the exported checkpoint."""
@@ -402,8 +423,16 @@ class Recipe(Section):
     data: DataSection = Field(default_factory=DataSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    memory: MemorySection = Field(default_factory=MemorySection)
     export: ExportSection = Field(default_factory=ExportSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _memory_fits(self):
+        from finetune.sequence_parallel import check_recipe
+
+        check_recipe(self)
+        return self
 
     @field_validator("run_dir")
     @classmethod
@@ -562,6 +591,8 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
             lines.append(f"  {key}: unknown key{hint} (valid: {', '.join(valid)})")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
+        elif not loc and e["type"] == "value_error":  # a cross-section check: its message names the keys
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             got = e.get("input")
             got_s = f" (got {got!r})" if not isinstance(got, dict) else ""

@@ -32,6 +32,7 @@ SECTIONS = [
     ("data.sources[]", R.SourceSection),
     ("training", R.TrainingSection),
     ("deepspeed", R.DeepSpeedSection),
+    ("memory", R.MemorySection),
     ("export", R.ExportSection),
     ("export.kv_cache", R.KVCacheSection),
     ("eval", R.EvalSection),

@@ -39,6 +39,7 @@ def training_arguments(recipe: Recipe, has_eval: bool):
 
     from finetune.deepspeed_config import deepspeed_config
     from finetune.model import training_precision
+    from finetune.sequence_parallel import parallelism_config
 
     t = recipe.training
     prec = training_precision(recipe)
@@ -73,6 +74,7 @@ def training_arguments(recipe: Recipe, has_eval: bool):
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_num_workers,
         deepspeed=deepspeed_config(recipe),
+        parallelism_config=parallelism_config(recipe),
         activation_checkpointing=False,  # enabled on the model in build_model (peft-aware)
         ddp_find_unused_parameters=False,
         optim="adamw_torch",
@@ -225,13 +227,16 @@ def run_train_loss(log_history: list[dict], start_step: int, session_mean: float
 
 
 def train(recipe: Recipe, overwrite: bool = False) -> Path:
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from data_prep.collate import DataCollator
     from data_prep.prepare import is_prepared, prepare
     from finetune.model import build_config, build_model, count_parameters
 
     check_run_dir(recipe, overwrite=overwrite)
+    from finetune import sequence_parallel
+
+    sequence_parallel.check_world(recipe, int(os.environ.get("WORLD_SIZE", "1")))
     rank = int(os.environ.get("RANK", "0"))
     done = already_finished(recipe)
     if done is not None:
@@ -281,12 +286,16 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
                   "stopped while saving it); it is written again when training reaches that step")  # fmt: skip
         if resume_from:
             print(f"[longtune] resuming from {resume_from}")
-    trainer = Trainer(
+    sequence_parallel.install(recipe)
+    trainer_cls = sequence_parallel.trainer_class()
+    trainer_cls.longtune_recipe = recipe
+    sp = sequence_parallel.degree(recipe)
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=sp if sp > 1 else None),
         callbacks=[check, CheckpointMeta(recipe, base_config)],
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -310,6 +319,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "torch_threads": torch.get_num_threads(),
             "versions": _versions(),
+            "sequence_parallel": sequence_parallel.report(),
         }
         write_json(Path(recipe.run_dir) / RUN_FILE, status)
         print(f"[longtune] saved {final}")

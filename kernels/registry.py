@@ -19,12 +19,47 @@ from collections import Counter
 
 import torch
 
+from kernels.heads import localize
 from kernels.masks import build_context, head_positions_mask, inference_spec, resolve_spec
 
 NAME = "longtune"
 BACKENDS = ("auto", "dense", "sdpa", "sdpa_groups", "flex", "flash")
 
 _CALLS: Counter = Counter()
+#: Under sequence parallelism: local head count -> first global head of this rank (set by
+#: finetune.sequence_parallel.install; see kernels/heads.py).
+_HEAD_OFFSET = None
+
+
+_SLICE_CALLS: Counter = Counter()
+
+
+def head_slice_calls() -> dict[int, int]:
+    """Calls per first global head that ran on a slice of the heads (sequence parallelism)."""
+    return dict(_SLICE_CALLS)
+
+
+def set_head_offset(fn) -> None:
+    """``fn(local_heads) -> offset``: used when a call holds fewer heads than the model has."""
+    global _HEAD_OFFSET
+    _HEAD_OFFSET = fn
+
+
+def head_slice(module, local_heads: int):
+    """The HeadSlice of a call (None when it holds every head)."""
+    total = getattr(module.config, "num_attention_heads", None)
+    if total is None or local_heads == total:
+        return None
+    if _HEAD_OFFSET is None:
+        raise RuntimeError(
+            f"attention called with {local_heads} of the model's {total} heads but no head offset is known; "
+            "sequence parallelism must call finetune.sequence_parallel.install(recipe) (kernels.registry.set_head_offset)"
+        )
+    from kernels.heads import HeadSlice
+
+    sl = HeadSlice(int(_HEAD_OFFSET(local_heads)), local_heads, int(total))
+    _SLICE_CALLS[sl.offset] += 1
+    return sl
 
 
 def kernel_calls() -> dict[tuple[str, str], int]:
@@ -34,6 +69,7 @@ def kernel_calls() -> dict[tuple[str, str], int]:
 
 def reset_kernel_calls() -> None:
     _CALLS.clear()
+    _SLICE_CALLS.clear()
 
 
 def _layer_spec(module) -> tuple[dict, dict]:
@@ -97,16 +133,20 @@ def choose_backend(spec: dict, requested: str, q: torch.Tensor, ctx, observer) -
     return "sdpa"  # CPU causal with documents/padding: masked SDPA
 
 
-def run_backend(name: str, q, k, v, spec, ctx, scale, observer=None, layer_idx=None, chunk=None):
-    """Dispatch to one backend; (B, H, Lq, D) out. Public so tests and the bench call the same path."""
+def run_backend(name: str, q, k, v, spec, ctx, scale, observer=None, layer_idx=None, chunk=None, heads=None):
+    """Dispatch to one backend; (B, H, Lq, D) out. Public so tests and the bench call the same path.
+    ``heads``: the kernels.heads.HeadSlice left by ``localize`` (block_sparse on a head slice)."""
+    if heads is not None and name not in ("dense", "sdpa", "flex"):
+        name = "sdpa"  # only the predicate backends take a head offset; the others never see one
     if name == "dense":
         from kernels.backends import dense
 
-        return dense.forward(q, k, v, spec, ctx, scale, observer=observer, layer_idx=layer_idx, chunk=chunk)
+        return dense.forward(q, k, v, spec, ctx, scale, observer=observer, layer_idx=layer_idx, chunk=chunk,
+                             heads=heads)
     if name == "sdpa":
         from kernels.backends import sdpa
 
-        return sdpa.forward(q, k, v, spec, ctx, scale)
+        return sdpa.forward(q, k, v, spec, ctx, scale, heads=heads)
     if name == "sdpa_groups":
         from kernels.backends import sdpa_groups
 
@@ -114,7 +154,7 @@ def run_backend(name: str, q, k, v, spec, ctx, scale, observer=None, layer_idx=N
     if name == "flex":
         from kernels.backends import flex
 
-        return flex.forward(q, k, v, spec, ctx, scale)
+        return flex.forward(q, k, v, spec, ctx, scale, heads=heads)
     if name == "flash":
         from kernels.backends import flash
 
@@ -128,6 +168,7 @@ def longtune_attention_forward(module, query, key, value, attention_mask, dropou
     spec, layout = _layer_spec(module)
     if not module.training:
         spec = inference_spec(spec)
+    spec, heads = localize(spec, head_slice(module, query.shape[1]))
     if dropout and module.training:
         raise ValueError("config.attention_dropout > 0 is not supported by longtune attention; set it to 0.0")
     cross = spec.get("cross_document", layout.get("cross_document", False))
@@ -154,7 +195,7 @@ def longtune_attention_forward(module, query, key, value, attention_mask, dropou
     scale = scaling if scaling is not None else D ** -0.5
     chunk = getattr(observer, "prefill_chunk", 512) if observer is not None else None
     out = run_backend(backend, query, key, value, spec, ctx, scale, observer=observer,
-                      layer_idx=getattr(module, "layer_idx", None), chunk=chunk)
+                      layer_idx=getattr(module, "layer_idx", None), chunk=chunk, heads=heads)
     _CALLS[(spec["pattern"], backend)] += 1
     return out.transpose(1, 2).contiguous(), None
 

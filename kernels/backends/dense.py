@@ -80,20 +80,29 @@ def slice_queries(ctx: MaskContext, sl: slice) -> MaskContext:
     )
 
 
+def _mask(spec: dict, ctx: MaskContext, num_heads: int, heads) -> torch.Tensor:
+    if heads is None:
+        return dense_mask(spec, ctx, num_heads)
+    from kernels.heads import dense_mask_at
+
+    return dense_mask_at(spec, ctx, heads)
+
+
 def forward(q, k, v, spec: dict, ctx: MaskContext, scale: float, observer=None, layer_idx=None,
-            chunk: int | None = None) -> torch.Tensor:
+            chunk: int | None = None, heads=None) -> torch.Tensor:
     """(B, H, Lq, D). With ``observer``, probabilities are computed in query chunks and handed
-    to ``observer.observe_attention(layer_idx, probs)`` (probs: (B, H, chunk, Lk))."""
+    to ``observer.observe_attention(layer_idx, probs)`` (probs: (B, H, chunk, Lk)).
+    ``heads``: a kernels.heads.HeadSlice when q holds a slice of the model's heads."""
     H, Lq = q.shape[1], q.shape[2]
     if chunk is None or chunk >= Lq:
-        out, _, p = attention_with_lse(q, k, v, dense_mask(spec, ctx, H), scale)
+        out, _, p = attention_with_lse(q, k, v, _mask(spec, ctx, H, heads), scale)
         if observer is not None:
             observer.observe_attention(layer_idx, p.detach())
         return out
     outs = []
     for start in range(0, Lq, chunk):
         sl = slice(start, min(Lq, start + chunk))
-        mask = dense_mask(spec, slice_queries(ctx, sl), H)
+        mask = _mask(spec, slice_queries(ctx, sl), H, heads)
         o, _, p = attention_with_lse(q[:, :, sl], k, v, mask, scale)
         if observer is not None:
             observer.observe_attention(layer_idx, p.detach())

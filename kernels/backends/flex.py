@@ -35,17 +35,24 @@ def _flex():
     return _COMPILED
 
 
-def block_mask(spec: dict, ctx: MaskContext, num_heads: int, q_len: int, k_len: int, device):
+def block_mask(spec: dict, ctx: MaskContext, num_heads: int, q_len: int, k_len: int, device, head_slice=None):
+    """``head_slice``: a kernels.heads.HeadSlice when the call holds a slice of the model's heads."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    heads = num_heads if head_dependent(spec, num_heads) else None
+    if head_slice is None:
+        heads = num_heads if head_dependent(spec, num_heads) else None
+        mod = mask_mod(spec, ctx, num_heads)
+    else:
+        from kernels.heads import mask_mod_at
+
+        heads = head_slice.local if head_dependent(spec, head_slice.total) else None
+        mod = mask_mod_at(spec, ctx, head_slice)
     key = None
     if ctx.trivial:
-        key = (tuple(sorted((k, str(v)) for k, v in spec.items())), heads, q_len, k_len, str(device))
+        key = (tuple(sorted((k, str(v)) for k, v in spec.items())), heads, q_len, k_len, str(device), head_slice)
         if key in _BLOCK_MASKS:
             return _BLOCK_MASKS[key]
-    bm = create_block_mask(mask_mod(spec, ctx, num_heads), None if ctx.trivial else ctx.batch, heads,
-                           q_len, k_len, device=device)
+    bm = create_block_mask(mod, None if ctx.trivial else ctx.batch, heads, q_len, k_len, device=device)
     if key is not None:
         _BLOCK_MASKS[key] = bm
     return bm
@@ -55,7 +62,7 @@ def clear_cache() -> None:
     _BLOCK_MASKS.clear()
 
 
-def forward(q, k, v, spec: dict, ctx: MaskContext, scale: float) -> torch.Tensor:
+def forward(q, k, v, spec: dict, ctx: MaskContext, scale: float, heads=None) -> torch.Tensor:
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise NotImplementedError(
             "FlexAttention has no backward on CPU: set the layout's backend to 'sdpa_groups', 'sdpa' "
@@ -63,7 +70,7 @@ def forward(q, k, v, spec: dict, ctx: MaskContext, scale: float) -> torch.Tensor
         )
     if q.device.type == "cpu":  # forward only on CPU; flex refuses tensors that require grad
         q, k, v = q.detach(), k.detach(), v.detach()
-    bm = block_mask(spec, ctx, q.shape[1], q.shape[2], k.shape[2], q.device)
+    bm = block_mask(spec, ctx, q.shape[1], q.shape[2], k.shape[2], q.device, head_slice=heads)
     out = _flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if not ctx.trivial:
         out = out * ctx.valid_q[:, None, :, None].to(out.dtype)

@@ -1,0 +1,254 @@
+"""Per-rank memory features for long sequences (recipe section `memory`, docs/long_sequences.md).
+
+At 64K+ tokens the largest tensors of a LoRA step are not attention's: they are the logits
+([tokens, vocab] in fp32, twice: values and gradient) and the MLP's [tokens, FFN] activations.
+DeepSpeed's ALST components remove both; this module only wires them into our model:
+
+- tiled logits + loss: ``deepspeed...ulysses_sp.sequence_tiled_compute`` runs lm_head + cross
+  entropy over tiles of ``tiled_loss_tokens`` tokens and recomputes each tile in backward, so
+  at most one tile's logits exist at a time. (DeepSpeed's ``TiledFusedLogitsLoss`` computes the
+  lm_head weight gradient inside forward with an incoming gradient of 1: any later scaling of
+  the loss, gradient accumulation or the sequence-parallel reduction, would not reach that
+  gradient, so it is not used here.)
+- tiled MLP: ``TiledMLP`` runs each decoder MLP over tiles and recomputes it in backward.
+  Installed per instance (``install_tiled_mlp``): every MLP object gets a subclass of its own
+  class whose ``forward`` tiles; state-dict names and peft's LoRA layers inside are untouched,
+  no transformers class is modified.
+- activation-checkpoint offload: with gradient checkpointing each decoder layer keeps only its
+  input until backward; ``OffloadCheckpoints`` (saved-tensor hooks) moves those inputs to CPU
+  memory (pinned, asynchronous on CUDA) and brings each back when backward reaches its layer.
+  It needs *reentrant* checkpointing, whose inputs are saved tensors (the non-reentrant form
+  keeps them alive in a closure that no hook can reach).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+# --------------------------------------------------------------------------- tiled loss
+def tile_count(tokens: int, tile: int) -> int:
+    return max(1, math.ceil(tokens / max(1, tile)))
+
+
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def tiled_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, shift_labels: torch.Tensor,
+                   tile_tokens: int) -> torch.Tensor:
+    """Sum of the cross entropy of ``lm_head(hidden)`` against ``shift_labels`` (-100 ignored),
+    computed ``tile_tokens`` tokens at a time: the full [tokens, vocab] logits never exist.
+
+    hidden (B, T, h) (the final norm's output), shift_labels (B, T) already shifted (label of
+    position t is the token at t + 1)."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import sequence_tiled_compute
+
+    def loss_fn(x, y):
+        logits = lm_head(x).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
+                               reduction="sum")
+
+    T = hidden.shape[1]
+    if tile_count(T, tile_tokens) == 1:  # one tile holds every token: no recomputation needed
+        return loss_fn(hidden, shift_labels)
+    return sequence_tiled_compute(
+        loss_fn, T, tile_count(T, tile_tokens),
+        kwargs_to_shard={"x": hidden, "y": shift_labels}, kwargs_to_pass={},
+        grad_requiring_tensor_key="x", compute_params=trainable(lm_head),
+        output_unshard_dimension=0, output_reduction="sum",
+    )
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels[:, 1:] padded with -100: the target of every position, shifted before any sharding."""
+    return F.pad(labels, (0, 1), value=IGNORE)[:, 1:].contiguous()
+
+
+@contextmanager
+def final_hidden_states(model: torch.nn.Module):
+    """Captures the decoder's final-norm output (what lm_head would see) during a forward."""
+    from finetune.sequence_parallel import unwrap
+
+    base = unwrap(model)
+    norm = base.get_decoder().norm
+    box: dict = {}
+    handle = norm.register_forward_hook(lambda _m, _i, out: box.__setitem__("hidden", out))
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def no_logits(device) -> torch.Tensor:
+    """``logits_to_keep`` that keeps no position: the model's own lm_head call produces (B, 0, V)."""
+    return torch.empty(0, dtype=torch.long, device=device)
+
+
+# --------------------------------------------------------------------------- tiled MLP
+def _mlp_forward(mlp, x):
+    return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
+def _agreed(n: int, device) -> int:
+    """The largest tile count over all ranks: under ZeRO-3 every tile gathers the weights (a
+    collective), so ranks with different lengths must still make the same number of calls."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([n], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+    return n
+
+
+class _TiledMLPMixin:
+    """Mixed into an MLP instance's class by ``install_tiled_mlp``."""
+
+    longtune_tile_tokens: int
+
+    def forward(self, x):
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+        if not torch.is_grad_enabled():  # eval / generation: nothing to save, run it whole
+            return _mlp_forward(self, x)
+        shards = _agreed(tile_count(x.shape[-2], self.longtune_tile_tokens), x.device)
+        return TiledMLP.apply(_mlp_forward, self, x, shards, trainable(self))
+
+
+_TILED_CLASSES: dict[type, type] = {}
+
+
+def install_tiled_mlp(model: torch.nn.Module, tile_tokens: int | None) -> int:
+    """Every decoder layer's ``mlp`` runs tiled; returns how many were converted.
+
+    ``tile_tokens`` None = hidden_size (ALST: ceil(tokens / hidden) tiles)."""
+    from finetune.sequence_parallel import unwrap
+
+    base = unwrap(model)
+    tile = int(tile_tokens or base.config.hidden_size)
+    n = 0
+    for layer in base.get_decoder().layers:
+        mlp = layer.mlp
+        cls = type(mlp)
+        if not issubclass(cls, _TiledMLPMixin):
+            if cls not in _TILED_CLASSES:
+                _TILED_CLASSES[cls] = type(f"Tiled{cls.__name__}", (_TiledMLPMixin, cls), {})
+            mlp.__class__ = _TILED_CLASSES[cls]
+        mlp.longtune_tile_tokens = tile
+        n += 1
+    return n
+
+
+# --------------------------------------------------------------------------- offload
+class OffloadCheckpoints(torch.autograd.graph.saved_tensors_hooks):
+    """Saved tensors of the forward (with reentrant checkpointing: each layer's input) go to
+    CPU memory and come back in backward. ``offloaded_bytes`` counts what was moved (on a CPU
+    device the tensor stays where it is: there is nowhere cheaper to put it)."""
+
+    def __init__(self, min_bytes: int = 1 << 16):
+        self.offloaded_bytes = 0
+        self.offloaded_shapes: list[tuple[int, ...]] = []
+        self.min_bytes = min_bytes
+
+        def pack(t: torch.Tensor):
+            nbytes = t.numel() * t.element_size()
+            if nbytes < self.min_bytes or isinstance(t, torch.nn.Parameter):  # weights stay
+                return t
+            self.offloaded_bytes += nbytes
+            self.offloaded_shapes.append(tuple(t.shape))
+            if t.device.type == "cpu":
+                return (t.device, t)
+            cpu = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
+            cpu.copy_(t, non_blocking=True)
+            return (t.device, cpu)
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            device, t = packed
+            return t.to(device, non_blocking=True)
+
+        super().__init__(pack, unpack)
+
+
+def offload_context(memory):
+    """The context the forward of a training step runs in (a no-op without offload)."""
+    import contextlib
+
+    return OffloadCheckpoints() if memory.offload_activations else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- the step's loss
+def loss_sum_and_outputs(model, inputs: dict, targets: torch.Tensor, memory):
+    """(sum of the token losses against ``targets`` (shifted labels), model outputs) of one
+    forward, with the recipe's ``memory`` features; the caller divides by its token count."""
+    with offload_context(memory):
+        if memory.tiled_loss:
+            with final_hidden_states(model) as box:
+                outputs = model(**inputs, logits_to_keep=no_logits(targets.device))
+            from finetune.sequence_parallel import unwrap
+
+            head = unwrap(model).get_output_embeddings()
+            return tiled_loss_sum(head, box["hidden"], targets, memory.tiled_loss_tokens), outputs
+        outputs = model(**inputs)
+        logits = outputs.logits.float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                               reduction="sum")
+        return loss, outputs
+
+
+# --------------------------------------------------------------------------- estimate
+#: Elements per (local) token that one decoder layer keeps for its backward, besides its MLP:
+#: the input norm's output, q, o (h each), k, v (kv each), rotary q/k copies (h + kv), the
+#: attention output and o_proj's output (h each), the residual sum (h).
+ATTN_PER_TOKEN = (6, 3)  # (x hidden, x kv width)
+#: The MLP: post-attention norm output and down_proj output (h each); gate, up, act(gate),
+#: act(gate) * up (F each).
+MLP_PER_TOKEN = (2, 4)  # (x hidden, x FFN)
+#: Ulysses' all-to-all copies: q, k, v gathered over the sequence and the output sent back.
+ULYSSES_PER_TOKEN = (2, 2)  # (x hidden, x kv width)
+#: fp32 logits, their log-softmax and its gradient exist together in the cross entropy.
+LOGITS_COPIES = 3
+
+
+def activation_estimate(recipe, config, act_bytes: int) -> dict[str, float]:
+    """Bytes of activations per rank for one micro-batch: what the dry run adds to weights and
+    optimizer states. Models sequence parallelism (T/P tokens per rank; attention's heads/P of
+    the whole sequence hold the same number of elements), gradient checkpointing (the layer
+    inputs plus one layer recomputed with its gradients), tiled MLP, tiled loss and the
+    checkpoint offload (reported as ``offloaded_to_cpu``, host memory, not in the total)."""
+    mem = recipe.memory
+    h, layers, F = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    heads = config.num_attention_heads
+    kv = h * (getattr(config, "num_key_value_heads", None) or heads) // heads
+    V = config.vocab_size
+    P = mem.sequence_parallel
+    b = recipe.training.per_device_batch_size
+    tokens = b * recipe.seq_length // P
+    mlp_tokens = tokens
+    if mem.tiled_mlp:
+        mlp_tokens = min(tokens, b * int(mem.tiled_mlp_tokens or h))
+    per_layer = tokens * (ATTN_PER_TOKEN[0] * h + ATTN_PER_TOKEN[1] * kv + MLP_PER_TOKEN[0] * h)
+    per_layer += mlp_tokens * MLP_PER_TOKEN[1] * F
+    if P > 1:
+        per_layer += tokens * (ULYSSES_PER_TOKEN[0] * h + ULYSSES_PER_TOKEN[1] * kv)
+    per_layer *= act_bytes
+    checkpoints = 0.0
+    if recipe.training.gradient_checkpointing:
+        checkpoints = layers * tokens * h * act_bytes
+        layers_bytes = 2 * per_layer  # the recomputed layer and its gradients
+    else:
+        layers_bytes = (layers + 1) * per_layer
+    logit_tokens = min(tokens, b * mem.tiled_loss_tokens) if mem.tiled_loss else tokens
+    logits = logit_tokens * V * 4 * LOGITS_COPIES
+    if act_bytes != 4:
+        logits += logit_tokens * V * act_bytes  # the lm_head output before the fp32 upcast
+    offloaded = checkpoints if mem.offload_activations else 0.0
+    return {"activations": layers_bytes + checkpoints - offloaded, "logits": logits, "offloaded_to_cpu": offloaded}

@@ -86,7 +86,7 @@ def test_make_cache_installs_longtune_attention_and_generates():
         kw["pad_token_id"] = 0
         want = model.generate(ids, cache=DynamicCache(), **kw)
         cache = make_cache(model, {"method": "h2o", "heavy": 100, "recent": 100})
-        assert model.config._attn_implementation == "longtune"
+        assert model.config._attn_implementation == "longtune_h2o"  # kernels' "longtune" + scores from the fused pass
         assert torch.equal(model.generate(ids, cache=cache, **kw), want)
         cache = make_cache(model, {"method": "h2o", "heavy": 3, "recent": 2, "num_sink_tokens": 1})
         model.generate(ids, cache=cache, **kw)

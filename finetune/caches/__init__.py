@@ -20,6 +20,8 @@ from finetune.recipe import KVCacheSection
 
 from .base import FullLayer, PositionedCache
 from .h2o import H2OCache, H2OLayer
+from .h2o_attention import NAME as H2O_ATTENTION
+from .h2o_attention import register as register_h2o_attention
 from .hybrid import SPARSE_PATTERNS, BlockSparseLayer, HybridCache, is_hybrid_layout, layout_of
 from .sink_window import SinkWindowCache, SinkWindowLayer
 
@@ -143,7 +145,7 @@ def _ensure_longtune_attention(model, need_layout: bool) -> None:
     for H2O, reports the probabilities). Install the model's own layout (inference form) or,
     without one, an all-causal layout."""
     config = model.config
-    if _get(config, "_attn_implementation") == "longtune" and layout_of(config) is not None:
+    if _get(config, "_attn_implementation") in ("longtune", H2O_ATTENTION) and layout_of(config) is not None:
         return
     try:
         from kernels.layout import inference_layout, install_layout
@@ -186,6 +188,9 @@ def make_cache(model, kv_config: dict | KVCacheSection | None = None) -> Cache:
     layers = chosen_layers(kv, config)
     if m == "sink":
         return SinkWindowCache(n, kv["window"], kv["num_sink_tokens"], layers=layers)
+    # H2O's scores come from the attention pass itself ("longtune_h2o": kernels' "longtune" with
+    # the column sums of the fused prefill), see h2o_attention.py
+    config._attn_implementation = register_h2o_attention()
     groups = config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads)
     return H2OCache(
         n,

@@ -23,7 +23,7 @@ def config(layers=None, n=3):
 
 def test_validate_defaults_and_version():
     out = validate_kv_config({"method": "h2o"}, config())
-    assert out["version"] == 1
+    assert out["version"] == 2 and out["positions"] == "absolute"
     assert out["heavy_ratio"] == out["recent_ratio"] == 0.1  # H2O reference default
     assert validate_kv_config(None)["method"] == "full"
     assert validate_kv_config(KVCacheSection(method="sink", window=16))["window"] == 16
@@ -37,7 +37,7 @@ def test_validate_defaults_and_version():
 @pytest.mark.parametrize(
     "kv, model_cfg, key",
     [
-        ({"version": 2}, None, "kv_cache.version"),
+        ({"version": 3}, None, "kv_cache.version"),
         ({"methd": "sink"}, None, "did you mean 'kv_cache.method'"),
         ({"method": "lru"}, None, "kv_cache.method"),
         ({"method": "sink"}, None, "kv_cache.window"),

@@ -7,7 +7,7 @@ import torch
 
 import finetune
 from finetune.export import export_run
-from finetune.export.kv_config import KVConfigError
+from finetune.caches.config import KVConfigError
 from tests.test_export_fixtures import IDS, sf_run  # noqa: F401
 
 

@@ -10,15 +10,13 @@ See docs/kv_caches.md.
 
 from __future__ import annotations
 
-import difflib
-
-from pydantic import ValidationError
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from finetune.recipe import KVCacheSection
 
 from .base import FullLayer, PositionedCache
+from .config import VERSION, KVConfigError, config_value, validate
 from .h2o import H2OCache, H2OLayer
 from .h2o_attention import NAME as H2O_ATTENTION
 from .h2o_attention import register as register_h2o_attention
@@ -41,96 +39,12 @@ __all__ = [
     "validate_kv_config",
 ]
 
-KV_CONFIG_VERSION = 1
-#: Informational keys export writes into kv_cache_config.json; passed through unchecked.
-DERIVED_KEYS = ("attn_implementation", "full_layers", "num_layers")
-
-
-class KVConfigError(ValueError):
-    """A KV-cache config that cannot be used with this model; the message names the key."""
-
-
-def _get(config, name, default=None):
-    if isinstance(config, dict):
-        return config.get(name, default)
-    return getattr(config, name, default)
-
-
-def validate_kv_config(kv: dict | None, model_config=None) -> dict:
-    """Check a KV-cache config (the `export.kv_cache` recipe section, `kv_cache_config.json`)
-    and return it normalised: every field present, `"version": 1`, H2O budgets defaulted to the
-    reference 0.1 + 0.1 of the prompt when none is given. `model_config` (PretrainedConfig or its
-    dict) enables the checks against the model (layer indices, hybrid layout)."""
-    kv = {} if kv is None else kv
-    if isinstance(kv, KVCacheSection):
-        kv = kv.model_dump()
-    if not isinstance(kv, dict):
-        raise KVConfigError(f"kv_cache: expected a mapping, got {type(kv).__name__}")
-    kv = dict(kv)
-    derived = {k: kv.pop(k) for k in DERIVED_KEYS if k in kv}
-    version = kv.pop("version", KV_CONFIG_VERSION)
-    if version != KV_CONFIG_VERSION:
-        raise KVConfigError(
-            f"kv_cache.version: unsupported version {version!r} (this longtune reads {KV_CONFIG_VERSION})"
-        )
-    try:
-        section = KVCacheSection.model_validate(kv)
-    except ValidationError as e:
-        valid = list(KVCacheSection.model_fields) + ["version", *DERIVED_KEYS]
-        lines = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("list[", "literal[")))
-            if err["type"] == "extra_forbidden":
-                close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-                hint = f"; did you mean 'kv_cache.{close[0]}'?" if close else ""
-                lines.append(f"kv_cache.{key}: unknown key{hint} (valid: {', '.join(valid)})")
-            else:
-                lines.append(f"kv_cache.{key}: {err['msg']} (got {err.get('input')!r})")
-        raise KVConfigError("invalid KV-cache config:\n  " + "\n  ".join(dict.fromkeys(lines))) from None
-    out = section.model_dump()
-
-    m = out["method"]
-    if m == "sink" and out["window"] is None:
-        raise KVConfigError("kv_cache.window: required for method 'sink' (tokens kept after the sinks)")
-    if m == "h2o":
-        for tok, ratio in (("heavy", "heavy_ratio"), ("recent", "recent_ratio")):
-            if out[tok] is not None and out[ratio] is not None:
-                raise KVConfigError(f"kv_cache.{tok} / kv_cache.{ratio}: set one of them, not both")
-            if out[tok] is None and out[ratio] is None:
-                out[ratio] = 0.1  # H2O reference default
-    layers = out["layers"]
-
-    if model_config is not None:
-        n = _get(model_config, "num_hidden_layers")
-        layout = layout_of(model_config)
-        if m == "hybrid" and not is_hybrid_layout(layout):
-            raise KVConfigError(
-                "kv_cache.method: 'hybrid' needs a model with a LongGen hybrid layout "
-                "(config.longtune_attention with sink_window/block_sparse layers); this model has none. "
-                "Use method 'full', 'sink' or 'h2o', or train with a `hybrid` recipe section."
-            )
-        if isinstance(layers, list):
-            bad = [i for i in layers if not 0 <= i < n]
-            if bad:
-                raise KVConfigError(f"kv_cache.layers: indices {bad} out of range for a {n}-layer model")
-        elif layers == "sparse" and m in ("sink", "h2o") and not is_hybrid_layout(layout):
-            raise KVConfigError(
-                "kv_cache.layers: 'sparse' selects the LongGen sparse layers, but this model has no hybrid layout"
-            )
-        if m == "h2o":
-            heads, kv_heads = (
-                _get(model_config, "num_attention_heads"),
-                _get(model_config, "num_key_value_heads"),
-            )
-            if kv_heads and heads % kv_heads:
-                raise KVConfigError(
-                    f"kv_cache.method: h2o needs heads ({heads}) divisible by KV heads ({kv_heads})"
-                )
-    return {"version": KV_CONFIG_VERSION, **out, **derived}
+KV_CONFIG_VERSION = VERSION
+validate_kv_config = validate
 
 
 def chosen_layers(kv: dict, model_config) -> list[int]:
-    n = _get(model_config, "num_hidden_layers")
+    n = config_value(model_config, "num_hidden_layers")
     if kv["layers"] == "all":
         return list(range(n))
     if kv["layers"] == "sparse":
@@ -145,15 +59,10 @@ def _ensure_longtune_attention(model, need_layout: bool) -> None:
     for H2O, reports the probabilities). Install the model's own layout (inference form) or,
     without one, an all-causal layout."""
     config = model.config
-    if _get(config, "_attn_implementation") in ("longtune", H2O_ATTENTION) and layout_of(config) is not None:
+    if config_value(config, "_attn_implementation") in ("longtune", H2O_ATTENTION) and layout_of(config) is not None:
         return
-    try:
-        from kernels.layout import inference_layout, install_layout
-    except ImportError as e:  # pragma: no cover - kernels is part of longtune
-        raise RuntimeError(
-            f"this KV cache needs the 'longtune' attention function from kernels/ ({e}); "
-            "kernels.layout could not be imported"
-        ) from e
+    from kernels.layout import inference_layout, install_layout
+
     layout = layout_of(config)
     if layout is None:
         if need_layout:

@@ -180,8 +180,22 @@ class H2OLayer(CompactLayer):
         recent = self.recent_rows.view(-1, 1, 1)
         must = ((pos >= 0) & (pos < s)) | (torch.arange(n, device=self.device) >= n - recent)
         rank = rank.masked_fill(must, float("inf"))
-        order = torch.sort(rank, dim=-1, descending=True, stable=True).indices[..., :budget]
         uneven = bool((row_budget < budget).any())
+        if n == budget + 1 and not uneven:
+            # one token over (a decode step): drop the slot the stable sort below would put
+            # last (the newest of the lowest-ranked) and shift the later slots down by one,
+            # a vectorised select instead of a gather of the whole cache
+            slots = torch.arange(n, device=self.device)
+            is_min = rank == rank.amin(dim=-1, keepdim=True)
+            victim = torch.where(is_min, slots, -1).argmax(dim=-1, keepdim=True)
+            later = slots[:-1] >= victim  # (b, h, n - 1): slot i takes slot i + 1
+            for name in ("keys", "values"):
+                t = getattr(self, name)
+                setattr(self, name, torch.where(later.unsqueeze(-1), t[:, :, 1:], t[:, :, :-1]))
+            self.positions = torch.where(later, self.positions[:, :, 1:], self.positions[:, :, :-1])
+            self.scores = torch.where(later, self.scores[:, :, 1:], self.scores[:, :, :-1])
+            return
+        order = torch.sort(rank, dim=-1, descending=True, stable=True).indices[..., :budget]
         if uneven:  # a row's slots past its own budget become empty entries
             dropped = torch.zeros_like(pos, dtype=torch.bool).scatter_(
                 -1, order, (torch.arange(budget, device=self.device) >= row_budget).expand_as(order)

@@ -94,3 +94,26 @@ def test_make_cache_installs_longtune_attention_and_generates():
         cache = make_cache(model, {"method": "sink", "window": 5, "num_sink_tokens": 2})
         model.generate(ids, cache=cache, **kw)
         assert cache.kept_tokens() == [7, 7, 7]
+
+
+@pytest.mark.parametrize("kv", [{"method": "h2o", "heavy": 3, "recent": 3}, {"method": "sink", "window": 5}])
+def test_make_cache_turns_use_cache_on(kv):
+    """A model built for training (config.use_cache=False, as build_base_model returns it): with
+    a cache from make_cache, generate must still feed one token per step and give the tokens of
+    the same model with use_cache on."""
+    torch.manual_seed(0)
+    trained = LlamaForCausalLM(config()).double().eval()
+    trained.config.use_cache = False
+    trained.generation_config.use_cache = False
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(config()).double().eval()
+    ids = torch.randint(0, 97, (2, 12))
+    kw = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "min_new_tokens": 8,
+          "do_sample": False, "pad_token_id": 0}  # fmt: skip
+    with torch.no_grad():
+        cache = make_cache(trained, kv)
+        got = trained.generate(ids, cache=cache, **kw)
+        want = plain.generate(ids, cache=make_cache(plain, kv), **kw)
+    assert cache.get_seq_length() == 12 + 8 - 1  # one token per step, not the whole sequence again
+    assert torch.equal(got, want)
+    assert trained.config.use_cache and trained.generation_config.use_cache

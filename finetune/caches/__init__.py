@@ -80,11 +80,19 @@ def make_cache(model, kv_config: dict | KVCacheSection | None = None) -> Cache:
     """The cache named by a KV-cache config, for `model.generate(cache=cache)`.
 
     method full -> transformers DynamicCache; sink -> SinkWindowCache; h2o -> H2OCache;
-    hybrid -> HybridCache (needs the model's LongGen layout). For sink/h2o/hybrid, and for any
+    hybrid -> HybridCache (needs the model's LongGen layout). For sink/hybrid, and for any
     model with a hybrid layout, the model is switched to the "longtune" attention function if
-    it is not using it yet."""
+    it is not using it yet; for h2o to "longtune_h2o" (h2o_attention.py). A model whose config
+    has `use_cache=False` (as built for training) gets it turned on, in its config and its
+    generation config: without it generate re-feeds the whole sequence at every step."""
     config = model.config
     kv = validate_kv_config(kv_config, config)
+    # A model built for training has use_cache off (build_base_model): generate would then feed
+    # the whole sequence at every step and the cache would append it again (silently wrong).
+    # A cache is asked for, so caching is what the caller wants: turn it on.
+    config.use_cache = True
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = True
     m = kv["method"]
     if m == "full":
         if is_hybrid_layout(layout_of(config)):  # the sparse layers are the architecture
@@ -96,7 +104,15 @@ def make_cache(model, kv_config: dict | KVCacheSection | None = None) -> Cache:
     n = config.num_hidden_layers
     layers = chosen_layers(kv, config)
     if m == "sink":
-        return SinkWindowCache(n, kv["window"], kv["num_sink_tokens"], layers=layers)
+        rope = None
+        if kv["positions"] == "cache":
+            rope = getattr(model.get_decoder(), "rotary_emb", None)
+            if rope is None:
+                raise KVConfigError(
+                    f"kv_cache.positions: 'cache' re-rotates keys with the model's RoPE, but "
+                    f"{type(model).__name__} has no rotary_emb; use positions 'absolute'"
+                )
+        return SinkWindowCache(n, kv["window"], kv["num_sink_tokens"], layers=layers, rope=rope)
     # H2O's scores come from the attention pass itself ("longtune_h2o": kernels' "longtune" with
     # the column sums of the fused prefill), see h2o_attention.py
     config._attn_implementation = register_h2o_attention()

@@ -89,7 +89,7 @@ def _decode(module, query, key, value, attention_mask, kwargs, spec, scale, obse
     from kernels.backends.dense import attention_with_lse
     from kernels.masks import build_context, dense_mask
 
-    B, H, Lq, _ = query.shape
+    B, H, Lq, D = query.shape
     Hkv, Lk = key.shape[1], key.shape[2]
     rep = H // Hkv
     pos = kwargs[HEAD_POSITIONS_KEY].reshape(B * Hkv, Lk)
@@ -98,7 +98,16 @@ def _decode(module, query, key, value, attention_mask, kwargs, spec, scale, obse
         qpos = qpos.to(query.device).long().expand(B, Lq).repeat_interleave(Hkv, dim=0)
     pad = attention_mask.repeat_interleave(Hkv, dim=0) if attention_mask is not None else None
     ctx = build_context(B * Hkv, Lq, Lk, query.device, attention_mask=pad, position_ids=qpos, kv_positions=pos)
-    mask = dense_mask(spec, ctx, 1).view(B, Hkv, 1, Lq, Lk).expand(B, Hkv, rep, Lq, Lk).reshape(B, H, Lq, Lk)
+    mask = dense_mask(spec, ctx, 1).view(B, Hkv, 1, Lq, Lk)
+    if Lq == 1:  # a decode step: the query sees its own key at least, no empty row to guard
+        work = torch.float64 if query.dtype == torch.float64 else torch.float32
+        q = query.reshape(B, Hkv, rep, D).to(work)
+        scores = torch.matmul(q, key.to(work).transpose(-1, -2)).mul_(scale)  # (B, Hkv, rep, Lk)
+        probs = torch.softmax(scores.masked_fill_(~mask.view(B, Hkv, 1, Lk), float("-inf")), dim=-1)
+        out = torch.matmul(probs, value.to(work)).to(query.dtype).view(B, H, 1, value.shape[-1])
+        observer.observe_attention(module.layer_idx, probs.view(B, H, 1, Lk))
+        return out
+    mask = mask.expand(B, Hkv, rep, Lq, Lk).reshape(B, H, Lq, Lk)
     chunk = int(getattr(observer, "prefill_chunk", 512) or Lq)
     outs = []
     for start in range(0, Lq, chunk):

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from finetune.caches import config as kv_config
-from finetune.export import export_run
 from finetune.caches.config import KVConfigError
+from finetune.export import export_run
 from tests.test_export_fixtures import sf_run  # noqa: F401
 
 CAUSAL = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -77,7 +77,7 @@ def test_version_1_files_read_as_absolute_positions(tmp_path):
 
 def test_one_validator_one_error():
     """#11: the caches package owns the KV-cache config; export and loading use it."""
-    import finetune.caches as caches
+    from finetune import caches
 
     assert caches.validate_kv_config is kv_config.validate and caches.KVConfigError is KVConfigError
     with pytest.raises(ImportError):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import finetune
-from finetune.export import export_run
 from finetune.caches.config import KVConfigError
+from finetune.export import export_run
 from tests.test_export_fixtures import IDS, sf_run  # noqa: F401
 
 

@@ -24,7 +24,6 @@ import inspect
 import platform
 import re
 import sys
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -263,8 +262,10 @@ def run(argv: list[str] | None = None) -> list[dict]:
                 )
     with_ratios(rows)
     table = [
-        "| method | T | batch | KV MiB | of full | formula | prefill tok/s | x full | peak prefill MiB | x full "
-        "| decode tok/s | x full |",
+        (
+            "| method | T | batch | KV MiB | of full | formula | prefill tok/s | x full | peak prefill MiB | x full "
+            "| decode tok/s | x full |"
+        ),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:

@@ -103,9 +103,8 @@ def validate(kv, model_config=None, where: str = "kv_cache") -> dict[str, Any]:
             if out[tok] is None and out[ratio] is None:
                 out[ratio] = DEFAULT_RATIO
     layers = out["layers"]
-    if isinstance(layers, list):
-        if not layers or len(set(layers)) != len(layers):
-            raise err("layers", f"a non-empty list of distinct layer indices (got {layers!r})")
+    if isinstance(layers, list) and (not layers or len(set(layers)) != len(layers)):
+        raise err("layers", f"a non-empty list of distinct layer indices (got {layers!r})")
     if model_config is None:
         return {"version": VERSION, **out, **derived}
 

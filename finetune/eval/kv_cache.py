@@ -65,7 +65,6 @@ def _nbytes(cache) -> int:
 def measure(model, prompt: torch.Tensor, kv_config: dict, decode_tokens: int = 32) -> dict:
     """Prefill ``prompt`` (1-D ids) into a fresh cache, decode greedily; sizes and speeds."""
     from finetune.caches import make_cache
-
     from finetune.caches.measure import sync, timed_peak
 
     kw = cache_kwarg(model)

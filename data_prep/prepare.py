@@ -27,6 +27,7 @@ from data_prep.mixture import draw_mixture, length_upsample
 from data_prep.pretrain import pack, separator_id, tokenize_documents
 from data_prep.sft import IGNORE, tokenize_samples
 from data_prep.sources import read_source
+from finetune.rundir import swap_in
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -353,7 +354,6 @@ def prepare(recipe, force: bool = False) -> Path:
     start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
     try:
         scratch = tmp / "scratch"
         scratch.mkdir()
@@ -362,19 +362,9 @@ def prepare(recipe, force: bool = False) -> Path:
         datasets.DatasetDict(splits).save_to_disk(str(dataset))
         manifest["seconds"] = round(time.time() - start, 2)
         (dataset / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():  # swap: move the old one aside, rename the new one in, then delete the old
-            old = out.parent / f".{out.name}.old-{tmp.name}"
-            out.rename(old)
-        dataset.rename(out)
-    except BaseException:
-        if old is not None and not out.exists():
-            old.rename(out)
-            old = None
-        raise
+        swap_in(dataset, out)  # the old dataset is deleted only after the new one is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -9,6 +9,7 @@ message names ("file.jsonl:12", "data.parquet record 7"), `record` a dict of raw
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -50,10 +51,30 @@ def read_utf8(path: Path) -> str:
         ) from None
 
 
+#: Control characters that do not occur in text (NUL and the C0 controls other than tab,
+#: newline, carriage return and form feed): a file made of them is binary, not a document.
+_BINARY = re.compile("[\x00-\x08\x0b\x0e-\x1f]")
+
+
+def check_text(path: Path, text: str) -> str:
+    """Refuse a "text" file that is binary: NUL bytes, or more than 1% control characters
+    (valid UTF-8 such as a file of zeros would otherwise be tokenized and trained on)."""
+    nul = text.find("\0")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise DataError(f"{path}:{line}: NUL byte at character {nul}: a binary file, not text; "
+                        "remove it from the text source")  # fmt: skip
+    controls = len(_BINARY.findall(text))
+    if text and controls > 0.01 * len(text):
+        raise DataError(f"{path}: {controls} of {len(text)} characters are control characters: a binary "
+                        "file, not text; remove it from the text source")  # fmt: skip
+    return text
+
+
 def load_text(src) -> Iterator[Record]:
     """A text file, or every non-hidden file under a folder: one document per file."""
     for f in _files(Path(src.path), None):
-        yield str(f), {src.text_field: read_utf8(f)}
+        yield str(f), {src.text_field: check_text(f, read_utf8(f))}
 
 
 def load_jsonl(src) -> Iterator[Record]:

@@ -1,10 +1,17 @@
-"""`longtune` console script: one subcommand per pipeline stage."""
+"""`longtune` console script: one subcommand per pipeline stage.
+
+A failure is one paragraph on stderr and exit code 2, never a traceback; `--debug` (anywhere
+on the command line) shows the traceback instead, also from the training ranks.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 
-USAGE = """usage: longtune <command> [args]
+DEBUG_ENV = "LONGTUNE_DEBUG"
+
+USAGE = """usage: longtune [--debug] <command> [args]
 
 commands:
   prepare RECIPE [k=v ...]        tokenize and pack the recipe's data
@@ -14,7 +21,22 @@ commands:
   eval    RUN_DIR                 run the recipe's evaluation suites
   bench   attention|kv [...]      attention-kernel or KV-cache benchmarks -> docs/benchmarks.md
   recipe  RECIPE [k=v ...]        validate a recipe and print it resolved
+
+--debug: show the traceback of a failure instead of a one-paragraph error
 """
+
+
+def debug() -> bool:
+    """Whether `--debug` was given (the subcommands re-raise instead of printing an error)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def error_paragraph(e: BaseException) -> str:
+    """One paragraph for any exception: its message without blank lines; the type name for
+    exceptions that are not ours (a library's own message may not say what failed)."""
+    text = "\n".join(line for line in str(e).strip().splitlines() if line.strip())
+    ours = type(e).__module__.split(".")[0] in ("finetune", "data_prep", "kernels")
+    return text if ours and text else f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _recipe(argv: list[str]) -> int:
@@ -33,6 +55,9 @@ def _recipe(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        os.environ[DEBUG_ENV] = "1"  # inherited by the training ranks
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
@@ -61,7 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"longtune: unknown command '{cmd}'\n\n{USAGE}", file=sys.stderr)
         return 2
-    rc = run(rest)
+    try:
+        rc = run(rest)
+    except KeyboardInterrupt:
+        print("longtune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug():
+            raise
+        print(f"error: {error_paragraph(e)}\n(longtune --debug {cmd} ... shows the traceback)", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

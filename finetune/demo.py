@@ -44,16 +44,13 @@ def interpolation_only(base_dir: Path, out: Path, target: int) -> Path:
 
     from finetune.model import apply_rope
     from finetune.recipe import RopeSection
+    from finetune.rundir import MODEL_META, atomic_dir
 
-    if out.exists():
-        shutil.rmtree(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(base_dir, tmp, ignore=shutil.ignore_patterns("base", "longtune_model.json"))
-    cfg = AutoConfig.from_pretrained(tmp)
-    apply_rope(cfg, RopeSection(type="linear", target_length=target))
-    cfg.save_pretrained(tmp)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        shutil.copytree(base_dir, tmp, ignore=shutil.ignore_patterns("base", MODEL_META), dirs_exist_ok=True)
+        cfg = AutoConfig.from_pretrained(tmp)
+        apply_rope(cfg, RopeSection(type="linear", target_length=target))
+        cfg.save_pretrained(tmp)
     return out
 
 
@@ -77,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(ext, DEMO / "extend-sfattn.yaml")]
     if not a.skip_hybrid:
         runs.append((hyb, DEMO / "extend-hybrid.yaml"))
+    # A pretrain that ran now is a new base: runs extended from an older one are redone, never
+    # reused (their numbers would mix two bases). Finished runs are otherwise a no-op.
+    fresh_base = ["overwrite=true"] if "pretrain (256 tokens)" in times else []
     for r, path in runs:
         name = r.name
-        if not (REPO / r.run_dir / "final").is_dir():
-            times[f"train {name}"] = _run(f"train {name}", _longtune("train", str(path)))
+        if fresh_base or not (REPO / r.run_dir / "final").is_dir():
+            times[f"train {name}"] = _run(f"train {name}", _longtune("train", str(path), *fresh_base))
         times[f"export {name}"] = _run(f"export {name}", _longtune("export", r.run_dir, "--force"))
     # One comparison table: the SF-Attn run against base, interpolation-only and the hybrid;
     # the hybrid run's own eval (for its model card) measures only itself.
@@ -119,10 +119,9 @@ def write_summary(runs, times: dict[str, float], total: float) -> str:
     lines += [f"| {k} | {v:.0f} |" for k, v in times.items()]
     lines += [f"| **total** | **{total:.0f}** |", ""]
     text = "\n".join(lines)
-    out = REPO / "docs" / "demo.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    from finetune.rundir import atomic_write_text
+
+    atomic_write_text(REPO / "docs" / "demo.md", text)
     return text
 
 

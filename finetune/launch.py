@@ -8,7 +8,6 @@ with 2 ranks, which is how CI exercises real ZeRO-2/3 training.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -17,33 +16,11 @@ from pathlib import Path
 
 import torch
 
-from finetune.recipe import RECIPES_DIR, Recipe, RecipeError, load_recipe
+from finetune.deepspeed_config import deepspeed_config, find_file, zero_stage  # noqa: F401 (public names)
+from finetune.recipe import Recipe, RecipeError, load_recipe
+from finetune.rundir import already_finished, check_run_dir, finished_message, write_resolved
 
-REPO_ROOT = RECIPES_DIR.parent
 CPU_RANKS = 2
-
-
-def find_file(ref: str, key: str) -> Path:
-    for cand in (Path(ref), REPO_ROOT / ref, RECIPES_DIR / ref):
-        if cand.is_file():
-            return cand
-    raise RecipeError(f"{key}: file '{ref}' not found (looked in ., {REPO_ROOT}, {RECIPES_DIR})")
-
-
-def deepspeed_config(recipe: Recipe) -> dict | None:
-    """The recipe's DeepSpeed JSON, parsed; None without DeepSpeed."""
-    if not recipe.deepspeed.config:
-        return None
-    path = find_file(recipe.deepspeed.config, "deepspeed.config")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RecipeError(f"{path}:{e.lineno}: invalid DeepSpeed JSON: {e.msg}") from None
-
-
-def zero_stage(recipe: Recipe) -> int | None:
-    cfg = deepspeed_config(recipe)
-    return None if cfg is None else int(cfg.get("zero_optimization", {}).get("stage", 0))
 
 
 def world(recipe: Recipe, ngpus: int | None) -> tuple[int, bool]:
@@ -68,12 +45,18 @@ def dry_run(recipe: Recipe, ngpus: int | None) -> dict:
         print(f"#   {k:<22} {v:8.2f} GiB")
     print("# an estimate from the config alone (no weights loaded); attention layout: "
           + ", ".join(sorted(set(est["attention_layers"]))))
+    from finetune import architectures
+
+    if architectures.used_fallback(recipe.model.name_or_path):
+        print(f"# {architectures.note(recipe.model.name_or_path)}")
     return est
 
 
-def command(recipe_path: Path, recipe: Recipe, ngpus: int | None, hostfile: str | None, overwrite: bool) -> tuple[list[str], dict]:
+def command(recipe_path: Path, recipe: Recipe, ngpus: int | None, hostfile: str | None) -> tuple[list[str], dict]:
+    """The rank command line; the launcher has already checked (and with overwrite cleared)
+    the run directory, so the ranks get no --overwrite."""
     env = dict(os.environ)
-    inner = ["--recipe", str(recipe_path)] + (["--overwrite"] if overwrite else [])
+    inner = ["--recipe", str(recipe_path)]
     if not recipe.deepspeed.config:
         return [sys.executable, "-m", "finetune.train", *inner], env
     n, on_cpu = world(recipe, ngpus)
@@ -100,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the resolved recipe, parameter count and memory estimate")
     ap.add_argument("--ngpus", type=int, default=None)
     ap.add_argument("--hostfile", default=None)
-    ap.add_argument("--overwrite", action="store_true", help="delete another recipe's checkpoints in run_dir")
-    a = ap.parse_args(argv)
+    ap.add_argument("--overwrite", action="store_true", help="delete what a previous run in run_dir produced (checkpoints, final/, export/, eval/, logs) and start again")
+    a = ap.parse_intermixed_args(argv)  # overrides before or after the flags
     overrides = list(a.overrides)
     overwrite = a.overwrite
     for o in list(overrides):  # `make train ARGS="overwrite=true"`
@@ -114,15 +97,24 @@ def main(argv: list[str] | None = None) -> int:
             dry_run(recipe, a.ngpus)
             return 0
         from data_prep.prepare import is_prepared, prepare
-        from finetune.train import check_run_dir, write_resolved
 
-        check_run_dir(recipe, overwrite=overwrite)
+        gone = check_run_dir(recipe, overwrite=overwrite)
+        if gone:
+            print(f"[longtune] overwrite: deleted {', '.join(str(p) for p in gone)}")
+        done = already_finished(recipe)
+        if done is not None:
+            print(finished_message(recipe, done))
+            return 0
         resolved = write_resolved(recipe)
         if not is_prepared(recipe):
             print(f"[longtune] preparing data into {recipe.data_dir}")
             prepare(recipe)
-        cmd, env = command(resolved, recipe, a.ngpus, a.hostfile, overwrite)
+        cmd, env = command(resolved, recipe, a.ngpus, a.hostfile)
     except (RecipeError, ValueError, FileNotFoundError) as e:  # DataError is a ValueError
+        from finetune.cli import debug
+
+        if debug():
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("[longtune] " + " ".join(cmd), flush=True)

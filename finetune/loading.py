@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from finetune.rundir import MODEL_META, RECIPE_FILE
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,12 +55,9 @@ def _resolve(path: Path) -> Path:
                 f"{path}: no such local directory, and not a Hub model that could be fetched "
                 f"({type(e).__name__}: {e})"
             ) from e
-    if (path / "config.json").is_file() or (path / "longtune_model.json").is_file():
-        return path
-    for sub in ("export", "final"):
-        if (path / sub / "config.json").is_file() or (path / sub / "longtune_model.json").is_file():
-            return path / sub
-    raise FileNotFoundError(f"{path} is not an exported model, a run directory or a run's final/")
+    from finetune.rundir import model_dir
+
+    return model_dir(path)
 
 
 def install_attention(model, layout: dict | None = None) -> None:
@@ -145,7 +144,7 @@ def load_model(path, kv_cache=None, dtype=None, device=None):
 
     path = _resolve(Path(path))
     _register_hybrid_classes()
-    if (path / "longtune_model.json").is_file() and (path / "adapter_config.json").is_file():
+    if (path / MODEL_META).is_file() and (path / "adapter_config.json").is_file():
         model, kv_default = _load_final(path, dtype)
     else:
         config = AutoConfig.from_pretrained(str(path))
@@ -187,7 +186,7 @@ def _load_final(final: Path, dtype):
     if _dtype(dtype) != "auto":  # "auto" / None: keep the merged float32 weights
         model.to(_dtype(dtype))
     kv = None
-    recipe_file = final.parent / "recipe.yaml"
+    recipe_file = final.parent / RECIPE_FILE
     if recipe_file.is_file():
         from finetune.recipe import load_recipe
 

@@ -23,10 +23,8 @@ NORM_MODULES = ["input_layernorm", "post_attention_layernorm", "norm"]
 # --------------------------------------------------------------------------- config
 def resolve_model_path(name: str) -> str:
     """Bundled aliases (`smollm2-135m`) become local directories; anything else passes through."""
-    try:
-        from data_prep.assets import resolve_model
-    except ImportError:
-        return name
+    from data_prep.assets import resolve_model
+
     return str(resolve_model(name))
 
 
@@ -37,7 +35,21 @@ def load_base_config(recipe: Recipe) -> PretrainedConfig:
             return LlamaConfig(**m.config)
         except (TypeError, ValueError) as e:
             raise RecipeError(f"model.config: not a valid LlamaConfig: {e}") from None
-    return AutoConfig.from_pretrained(resolve_model_path(m.name_or_path), trust_remote_code=m.trust_remote_code)
+    path = resolve_model_path(m.name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
+    except OSError as e:
+        # Offline (or the Hub unreachable): the shipped recipes' bases are in a table of their
+        # published architectures, so a dry run still works; anything else is a clear error.
+        from finetune import architectures
+
+        if architectures.known(m.name_or_path):
+            architectures.warn(m.name_or_path)
+            return LlamaConfig(**architectures.config_kwargs(m.name_or_path))
+        raise RecipeError(
+            f"model.name_or_path: cannot read the config of '{m.name_or_path}' (not a local directory, a "
+            f"bundled alias, or a Hub model reachable from here): {str(e).splitlines()[0]}"
+        ) from None
 
 
 def original_context_length(config: PretrainedConfig) -> int:
@@ -181,6 +193,8 @@ def apply_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
         return model
     from peft import LoraConfig, get_peft_model
 
+    from finetune.quiet import quiet_peft
+
     if lora.mode == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -203,7 +217,8 @@ def apply_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
         task_type="CAUSAL_LM",
         bias="none",
     )
-    model = get_peft_model(model, cfg)
+    with quiet_peft():
+        model = get_peft_model(model, cfg)
     if recipe.training.gradient_checkpointing and not lora.trainable_embeddings:
         model.enable_input_require_grads()
     return model
@@ -214,7 +229,7 @@ def build_model(recipe: Recipe, config: PretrainedConfig | None = None) -> torch
     model = build_base_model(recipe, config)
     model = apply_lora(model, recipe)
     if recipe.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import types
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kernels.patterns import FULL, PATTERN_DEFAULTS, PERSISTENT, WRAPS
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -27,6 +30,45 @@ class RecipeError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_bool(cls, v: Any, info):
+        """YAML `true` is not a number and `1` is not a boolean: `max_steps: true` would
+        otherwise train one step. Numbers and booleans are taken only as what they are."""
+        field = cls.model_fields.get(info.field_name)
+        if field is not None:
+            _check_bool(field.annotation, v)
+        return v
+
+
+def _scalar_kinds(annotation) -> set[type]:
+    """bool / int / float among the types a field accepts (through Optional and unions)."""
+    import typing
+
+    if annotation in (bool, int, float):
+        return {annotation}
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        out: set[type] = set()
+        for a in typing.get_args(annotation):
+            out |= _scalar_kinds(a)
+        return out
+    return set()
+
+
+def _check_bool(annotation, v: Any) -> None:
+    import typing
+
+    kinds = _scalar_kinds(annotation)
+    if isinstance(v, bool) and kinds and bool not in kinds:
+        raise ValueError(f"expected a number, got the boolean {str(v).lower()}")
+    if kinds == {bool} and not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    for a in (annotation, *typing.get_args(annotation)):  # list[int] and friends
+        if typing.get_origin(a) is list and isinstance(v, list):
+            item = _scalar_kinds(typing.get_args(a)[0])
+            if item and bool not in item and any(isinstance(x, bool) for x in v):
+                raise ValueError(f"expected a list of numbers, got {v!r}")
 
 
 # --------------------------------------------------------------------------- model
@@ -82,14 +124,15 @@ class AttentionSection(Section):
     the model evaluates, generates and exports with full attention.
     """
 
-    pattern: Literal["causal", "s2_attn", "sf_attn"] = "causal"
-    group_ratio: float = Field(default=0.25, gt=0, le=1)
+    # Choices and defaults: kernels/patterns.py (shared with hand-written layouts).
+    pattern: Literal[FULL] = "causal"
+    group_ratio: float = Field(default=PATTERN_DEFAULTS["sf_attn"]["group_ratio"], gt=0, le=1)
     #: Fraction of heads whose groups are shifted by half a group (1/2 = S2-Attn's reading).
-    shift_fraction: float = Field(default=0.5, ge=0, le=1)
+    shift_fraction: float = Field(default=PATTERN_DEFAULTS["sf_attn"]["shift_fraction"], ge=0, le=1)
     #: `none` (default, causal-safe) or `roll` (LongLoRA's leaking reproduction mode).
-    wrap: Literal["none", "roll"] = "none"
+    wrap: Literal[WRAPS] = PATTERN_DEFAULTS["sf_attn"]["wrap"]
     #: Global sink tokens (sf_attn only; s2_attn forces 0).
-    num_sink_tokens: int = Field(default=4, ge=0)
+    num_sink_tokens: int = Field(default=PATTERN_DEFAULTS["sf_attn"]["num_sink_tokens"], ge=0)
     #: Kernel: auto picks flash-attn on GPU when installed, else FlexAttention/SDPA groups.
     backend: Literal["auto", "dense", "flex", "sdpa_groups", "flash"] = "auto"
     #: Let attention cross document boundaries in packed sequences.
@@ -97,14 +140,15 @@ class AttentionSection(Section):
 
 
 class SparseSection(Section):
-    pattern: Literal["sink_window", "block_sparse"] = "sink_window"
-    window: int = Field(default=2048, gt=0)
-    num_sink_tokens: int = Field(default=4, ge=0)
-    block_size: int = Field(default=64, gt=0)
-    local_blocks: int = Field(default=4, gt=0)
-    stride: int = Field(default=8, gt=0)
+    # Choices and defaults: kernels/patterns.py (shared with hand-written layouts).
+    pattern: Literal[PERSISTENT] = "sink_window"
+    window: int = Field(default=PATTERN_DEFAULTS["sink_window"]["window"], gt=0)
+    num_sink_tokens: int = Field(default=PATTERN_DEFAULTS["sink_window"]["num_sink_tokens"], ge=0)
+    block_size: int = Field(default=PATTERN_DEFAULTS["block_sparse"]["block_size"], gt=0)
+    local_blocks: int = Field(default=PATTERN_DEFAULTS["block_sparse"]["local_blocks"], gt=0)
+    stride: int = Field(default=PATTERN_DEFAULTS["block_sparse"]["stride"], gt=0)
     #: Per-head shift of the strided column; None = max(1, stride // heads); 0 = same in all heads.
-    head_step: int | None = Field(default=None, ge=0)
+    head_step: int | None = Field(default=PATTERN_DEFAULTS["block_sparse"]["head_step"], ge=0)
 
 
 class FullLayersPlacement(Section):
@@ -198,6 +242,10 @@ class TrainingSection(Section):
     save_total_limit: int | None = Field(default=2, gt=0)
     eval_steps: int | None = Field(default=None, gt=0)
     dataloader_num_workers: int = Field(default=0, ge=0)
+    #: Deterministic kernels (transformers' full_determinism: torch.use_deterministic_algorithms
+    #: and CUBLAS_WORKSPACE_CONFIG). Needed for bit-identical reruns on a GPU; slower, and an
+    #: operation without a deterministic kernel raises. CPU runs are deterministic without it.
+    deterministic: bool = False
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
 
 
@@ -226,7 +274,7 @@ class KVCacheSection(Section):
     #: sink method: keys at their true positions (`absolute`), or StreamingLLM's contiguous
     #: positions inside the cache (`cache`: streams past the model's trained length).
     positions: Literal["absolute", "cache"] = "absolute"
-    num_sink_tokens: int = Field(default=4, ge=0)
+    num_sink_tokens: int = Field(default=PATTERN_DEFAULTS["sink_window"]["num_sink_tokens"], ge=0)
     #: H2O score: sum of attention, or mean over the queries that could see the key.
     score_normalization: Literal["none", "mean"] = "none"
     #: H2O with GQA: reduce per-query-head scores over each KV group.
@@ -245,6 +293,15 @@ class ExportSection(Section):
     kv_cache: KVCacheSection = Field(default_factory=KVCacheSection)
     #: Hub repo for `longtune push` (user/name).
     hub_repo: str | None = None
+
+    @field_validator("hub_repo")
+    @classmethod
+    def _repo_id(cls, v: str | None) -> str | None:
+        if v is not None:
+            from finetune.export.repo_id import check_repo_id
+
+            check_repo_id(v)
+        return v
     private: bool = True
     license: str = "apache-2.0"
 
@@ -344,8 +401,17 @@ class Recipe(Section):
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}:{line}: not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} (line {line}); "
+            "save the recipe as UTF-8"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -8,91 +8,36 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 from transformers import TrainerCallback
 
 from finetune.recipe import Recipe, RecipeError, load_recipe
-
-#: Sections whose change makes an existing checkpoint belong to another run.
-IDENTITY_SECTIONS = ("kind", "model", "rope", "attention", "hybrid", "lora", "data")
-
-
-def identity(recipe: Recipe) -> dict[str, Any]:
-    d = recipe.model_dump(mode="json")
-    out = {k: d[k] for k in IDENTITY_SECTIONS}
-    # Where the data lives and how fast it is read do not change what is trained.
-    out["data"] = {k: v for k, v in out["data"].items() if k not in ("output_dir", "num_proc")}
-    return out
-
-
-def identity_hash(recipe: Recipe) -> str:
-    return hashlib.sha256(json.dumps(identity(recipe), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-        return out
-    return [] if a == b else [prefix]
-
-
-def check_run_dir(recipe: Recipe, overwrite: bool = False) -> None:
-    """Refuse a run directory that holds another recipe's checkpoints (unless overwriting)."""
-    run_dir = Path(recipe.run_dir)
-    saved = run_dir / "recipe.yaml"
-    has_state = bool(checkpoints(run_dir)) or (run_dir / "final").exists()
-    if not has_state:
-        return
-    if saved.is_file():
-        old = identity(Recipe.model_validate(yaml.safe_load(saved.read_text())))
-        diff = _diff(old, identity(recipe))
-    else:
-        diff = ["<no recipe.yaml in the run directory>"]
-    if not diff:
-        return
-    if overwrite:
-        for p in checkpoints(run_dir) + [run_dir / "final"]:
-            shutil.rmtree(p, ignore_errors=True)
-        return
-    shown = ", ".join(diff[:6]) + (" ..." if len(diff) > 6 else "")
-    raise RecipeError(
-        f"run_dir {run_dir} holds a checkpoint of another recipe (differs in: {shown}). "
-        f"Choose another run_dir, or pass overwrite=true (make train ARGS=\"overwrite=true\" / "
-        f"longtune train --overwrite) to delete its checkpoints and start again."
-    )
-
-
-def write_resolved(recipe: Recipe) -> Path:
-    run_dir = Path(recipe.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "recipe.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(recipe.to_yaml())
-    os.replace(tmp, path)
-    return path
+from finetune.rundir import (
+    MODEL_META,
+    RUN_FILE,
+    already_finished,
+    base_fingerprint,
+    check_run_dir,
+    finished_message,
+    identity_hash,
+    new_model_id,
+    resume_point,
+    swap_in,
+    write_json,
+    write_resolved,
+)
 
 
 # --------------------------------------------------------------------------- trainer pieces
 def training_arguments(recipe: Recipe, has_eval: bool):
     from transformers import TrainingArguments
 
-    from finetune.launch import deepspeed_config
+    from finetune.deepspeed_config import deepspeed_config
     from finetune.model import training_precision
 
     t = recipe.training
@@ -124,10 +69,11 @@ def training_arguments(recipe: Recipe, has_eval: bool):
         report_to=t.report_to,
         seed=recipe.seed,
         data_seed=recipe.seed,
+        full_determinism=t.deterministic,
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_num_workers,
         deepspeed=deepspeed_config(recipe),
-        gradient_checkpointing=False,  # enabled on the model in build_model (peft-aware)
+        activation_checkpointing=False,  # enabled on the model in build_model (peft-aware)
         ddp_find_unused_parameters=False,
         optim="adamw_torch",
         disable_tqdm=False,
@@ -162,6 +108,43 @@ def expected_patterns(layout: dict) -> set[str]:
     return {l["pattern"] for l in layout["layers"]}
 
 
+def base_reference(recipe: Recipe) -> str:
+    """What longtune_model.json names as the base: a path / Hub id, or "base" (= final/base/,
+    saved with the run when the base cannot be reloaded: inline config, pretrain)."""
+    if recipe.lora.mode != "full" and (recipe.kind == "pretrain" or recipe.model.config is not None):
+        return "base"
+    return recipe.model.name_or_path
+
+
+def model_meta_dict(recipe: Recipe, base_config, global_step: int | None) -> dict:
+    """The record of a trained model (final/ or a checkpoint): base, config, identity."""
+    return {
+        "base_model": base_reference(recipe),
+        "kind": recipe.kind,
+        "lora_mode": recipe.lora.mode,
+        "recipe_hash": identity_hash(recipe),
+        "base_fingerprint": base_fingerprint(recipe),
+        # A new id per folder written: an export records it, and is stale once it changes.
+        "model_id": new_model_id(),
+        "global_step": global_step,
+        "model_config": base_config.to_dict(),
+    }
+
+
+class CheckpointMeta(TrainerCallback):
+    """Writes longtune_model.json into every checkpoint (rank 0), so export can merge a
+    checkpoint of an unfinished run from the run's own record, without the recipe."""
+
+    def __init__(self, recipe: Recipe, base_config):
+        self.recipe, self.base_config = recipe, base_config
+
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                write_json(ckpt / MODEL_META, model_meta_dict(self.recipe, self.base_config, state.global_step))
+
+
 def save_final(trainer, model, recipe: Recipe, tokenizer, base_config) -> Path:
     """`final/`: the adapter (or full weights), tokenizer, longtune_model.json, and the base
     weights when the base cannot be reloaded from a path (inline config, pretrain)."""
@@ -170,9 +153,7 @@ def save_final(trainer, model, recipe: Recipe, tokenizer, base_config) -> Path:
     tmp = run_dir / "final.tmp"
     if trainer.args.should_save:
         shutil.rmtree(tmp, ignore_errors=True)
-    base_ref = recipe.model.name_or_path
-    if recipe.lora.mode != "full" and (recipe.kind == "pretrain" or recipe.model.config is not None):
-        base_ref = "base"
+    if base_reference(recipe) == "base":
         # The base as it was before this run: no RoPE scaling, no layout (eval's "before").
         from finetune.model import load_base_config
 
@@ -181,16 +162,9 @@ def save_final(trainer, model, recipe: Recipe, tokenizer, base_config) -> Path:
     if not trainer.args.should_save:
         return final
     tokenizer.save_pretrained(str(tmp))
-    meta = {
-        "base_model": base_ref,
-        "kind": recipe.kind,
-        "lora_mode": recipe.lora.mode,
-        "recipe_hash": identity_hash(recipe),
-        "model_config": base_config.to_dict(),
-    }
-    (tmp / "longtune_model.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    meta = model_meta_dict(recipe, base_config, getattr(getattr(trainer, "state", None), "global_step", None))
+    write_json(tmp / MODEL_META, meta)
+    swap_in(tmp, final)
     return final
 
 
@@ -225,6 +199,31 @@ def _save_base(trainer, model, path: Path, base_config) -> None:
     base_config.save_pretrained(str(path))
 
 
+def run_train_loss(log_history: list[dict], start_step: int, session_mean: float, global_step: int) -> float:
+    """Mean training loss over every step of the run, a resumed one included.
+
+    The Trainer's `training_loss` averages only the steps of the current call. The steps
+    before `start_step` are recovered from the logged losses (each the mean since the previous
+    log, restored from the checkpoint's trainer_state.json), weighted by the steps they cover;
+    steps before the resume that were never logged count at the mean of the logged ones.
+    """
+    session = max(global_step - start_step, 0)
+    if start_step <= 0:
+        return float(session_mean)
+    total = covered = prev = 0
+    for h in log_history:
+        step = h.get("step")
+        if "loss" not in h or not isinstance(step, int) or step > start_step:
+            continue
+        total += float(h["loss"]) * (step - prev)
+        covered += step - prev
+        prev = step
+    if covered == 0:
+        return float(session_mean)
+    before = total * start_step / covered
+    return (before + float(session_mean) * session) / max(start_step + session, 1)
+
+
 def train(recipe: Recipe, overwrite: bool = False) -> Path:
     from transformers import Trainer, set_seed
 
@@ -234,6 +233,11 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
 
     check_run_dir(recipe, overwrite=overwrite)
     rank = int(os.environ.get("RANK", "0"))
+    done = already_finished(recipe)
+    if done is not None:
+        if rank == 0:
+            print(finished_message(recipe, done), flush=True)
+        return Path(recipe.run_dir) / "final"
     if rank == 0:
         write_resolved(recipe)
     if not is_prepared(recipe):
@@ -267,19 +271,23 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     from kernels.registry import reset_kernel_calls
 
     reset_kernel_calls()
-    resume = checkpoints(Path(recipe.run_dir))
-    resume_from = str(resume[-1]) if resume else None
-    start_step = int(resume[-1].name.split("-")[-1]) if resume else 0
+    last, incomplete = resume_point(recipe.run_dir)
+    resume_from = str(last) if last is not None else None
+    start_step = int(last.name.split("-")[-1]) if last is not None else 0
     check = KernelCheck(expected_patterns(model.config.longtune_attention), start_step)
-    if resume_from and rank == 0:
-        print(f"[longtune] resuming from {resume_from}")
+    if rank == 0:
+        for p in incomplete:
+            print(f"[longtune] skipping incomplete checkpoint {p} (no trainer_state.json: the run "
+                  "stopped while saving it); it is written again when training reaches that step")  # fmt: skip
+        if resume_from:
+            print(f"[longtune] resuming from {resume_from}")
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
-        callbacks=[check],
+        callbacks=[check, CheckpointMeta(recipe, base_config)],
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
     # Training ran without a KV cache; whatever loads these weights next generates with one.
@@ -291,15 +299,33 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
         status = {
             "status": "done",
             "global_step": trainer.state.global_step,
-            "train_loss": result.training_loss,
+            "train_loss": run_train_loss(
+                trainer.state.log_history, start_step, result.training_loss, trainer.state.global_step
+            ),
             "log_history": trainer.state.log_history,
             "trainable_params": trainable,
             "total_params": total,
             "recipe_hash": identity_hash(recipe),
+            # What decides the numbers besides the recipe (docs/reproducibility.md).
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "torch_threads": torch.get_num_threads(),
+            "versions": _versions(),
         }
-        (Path(recipe.run_dir) / "run.json").write_text(json.dumps(status, indent=2, default=str))
+        write_json(Path(recipe.run_dir) / RUN_FILE, status)
         print(f"[longtune] saved {final}")
     return final
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "deepspeed", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

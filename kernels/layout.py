@@ -12,14 +12,8 @@ import warnings
 
 import torch
 
-from kernels.masks import (
-    PERSISTENT,
-    TRAINING_ONLY,
-    head_step,
-    num_shifted_heads,
-    ratio_fraction,
-    resolve_spec,
-)
+from kernels.masks import head_step, inference_spec, num_shifted_heads, ratio_fraction, resolve_spec
+from kernels.patterns import PERSISTENT, TRAINING_ONLY
 
 LAYOUT_VERSION = 1
 _LONGGEN = ("LongGen's ablation (Ge et al. 2024): about 1/3 full layers placed together in the middle "
@@ -139,13 +133,19 @@ def install_layout(config, layout: dict) -> None:
 def inference_layout(layout: dict) -> dict:
     """Training-only patterns (s2_attn, sf_attn) replaced by causal; the hybrid stays."""
     out = copy.deepcopy(layout)
-    out["layers"] = [{"pattern": "causal"} if s["pattern"] in TRAINING_ONLY else s for s in out["layers"]]
+    out["layers"] = [inference_spec(s) for s in out["layers"]]
     return out
 
 
-def is_hybrid(layout: dict) -> bool:
-    """True if some layer is sparse at inference (sink_window / block_sparse)."""
-    return any(s["pattern"] in PERSISTENT for s in layout["layers"])
+def sparse_layer_indices(layout: dict | None) -> list[int]:
+    """Indices of the layers that stay sparse at inference (sink_window / block_sparse)."""
+    layers = (layout or {}).get("layers") or []
+    return [i for i, s in enumerate(layers) if s.get("pattern") in PERSISTENT]
+
+
+def is_hybrid(layout: dict | None) -> bool:
+    """True if some layer is sparse at inference (a LongGen hybrid); False without a layout."""
+    return bool(sparse_layer_indices(layout))
 
 
 # --------------------------------------------------------------------------- cost

@@ -2,10 +2,15 @@
 
 Every pattern is a predicate ``allowed(b, h, q_idx, kv_idx) -> bool tensor`` built by
 :func:`mask_mod` from a layer spec (one entry of ``config.longtune_attention["layers"]``) and a
-:class:`MaskContext` (where each query/key sits in its sample). The same function serves
-FlexAttention's ``create_block_mask`` (scalar tensor indices) and, through broadcasting, the
-dense boolean mask of :func:`dense_mask`; the fast backends gather a superset of the allowed
-keys and evaluate the same predicate on it, so there is one definition to get right.
+:class:`MaskContext` (where each query/key sits in its sample): small predicates (causal,
+padding, same document, sinks, window, groups, local and strided blocks) combined with
+:func:`and_masks` / :func:`or_masks`, as in transformers' masking_utils. The same function
+serves FlexAttention's ``create_block_mask`` (scalar tensor indices) and, through broadcasting,
+the dense boolean mask of :func:`dense_mask`; the fast backends gather a superset of the allowed
+keys and evaluate the same predicate on it; the caches ask :func:`still_visible` which keys a
+layer can still see and the sink statistics build their masks with :func:`dense_mask`. So there
+is one definition to get right (docs/algorithms.md section 1). Pattern names, groups and
+defaults: kernels/patterns.py.
 
 Coordinates (see docs/kernels.md):
 - ``t``: index of a token among its sample's real (unpadded) tokens; with a cache, the absolute
@@ -24,23 +29,10 @@ from fractions import Fraction
 
 import torch
 
-TRAINING_ONLY = ("s2_attn", "sf_attn")
-PERSISTENT = ("sink_window", "block_sparse")
-PATTERNS = ("causal",) + TRAINING_ONLY + PERSISTENT
-
-#: Keys each pattern accepts, with defaults (the recipe schema holds the user-facing defaults;
-#: these let a hand-written layout omit keys).
-PATTERN_DEFAULTS: dict[str, dict] = {
-    "causal": {},
-    "s2_attn": {"group_ratio": 0.25, "shift_fraction": 0.5, "wrap": "none", "num_sink_tokens": 0},
-    "sf_attn": {"group_ratio": 0.25, "shift_fraction": 0.5, "wrap": "none", "num_sink_tokens": 4},
-    "sink_window": {"window": 2048, "num_sink_tokens": 4},
-    "block_sparse": {"block_size": 64, "local_blocks": 4, "stride": 8, "head_step": None},
-}
-#: Keys any layer may carry besides its pattern's own.
-COMMON_KEYS = ("pattern", "backend", "cross_document")
+from kernels.patterns import COMMON_KEYS, PATTERN_DEFAULTS, PATTERNS, TRAINING_ONLY, WRAPS
 
 
+# --------------------------------------------------------------------------- specs
 def resolve_spec(spec: dict, where: str = "layer") -> dict:
     """Spec with defaults filled in; errors name the offending key."""
     if not isinstance(spec, dict) or "pattern" not in spec:
@@ -61,7 +53,7 @@ def resolve_spec(spec: dict, where: str = "layer") -> dict:
             raise ValueError(f"{where}.group_ratio must be in (0, 1], got {out['group_ratio']}")
         if not 0 <= float(out["shift_fraction"]) <= 1:
             raise ValueError(f"{where}.shift_fraction must be in [0, 1], got {out['shift_fraction']}")
-        if out["wrap"] not in ("none", "roll"):
+        if out["wrap"] not in WRAPS:
             raise ValueError(f"{where}.wrap must be 'none' or 'roll', got {out['wrap']!r}")
         if pattern == "s2_attn" and out["num_sink_tokens"]:
             raise ValueError(f"{where}.num_sink_tokens: s2_attn has no sink tokens (use sf_attn)")
@@ -86,6 +78,7 @@ def num_shifted_heads(spec: dict, num_heads: int) -> int:
 
 
 def head_step(spec: dict, num_heads: int) -> int:
+    """block_sparse's per-head shift of the strided column; null = max(1, stride // heads)."""
     step = spec.get("head_step")
     return max(1, int(spec["stride"]) // num_heads) if step is None else int(step)
 
@@ -97,6 +90,11 @@ def head_dependent(spec: dict, num_heads: int) -> bool:
     if spec["pattern"] == "block_sparse":
         return head_step(spec, num_heads) != 0 and num_heads > 1
     return False
+
+
+def inference_spec(spec: dict) -> dict:
+    """The spec a layer runs with outside training: training-only patterns become causal."""
+    return {"pattern": "causal"} if spec["pattern"] in TRAINING_ONLY else spec
 
 
 # --------------------------------------------------------------------------- context
@@ -219,40 +217,141 @@ def build_context(
 
 
 # --------------------------------------------------------------------------- predicates
-def _pattern_allows(spec: dict, num_heads: int, h, ti, tj, pi, pj, n):
-    """The pattern itself (causality included), on coordinates; tensor in, tensor out."""
-    pattern = spec["pattern"]
-    causal = tj <= ti
-    if pattern == "causal":
-        return causal
-    if pattern in TRAINING_ONLY:
-        num, den = ratio_fraction(spec["group_ratio"])
-        G = torch.clamp(n * num // den, min=1)
+# Each builder takes the call's MaskContext (and the pattern's parameters) and returns a
+# predicate ``(b, h, q_idx, kv_idx) -> bool tensor``; patterns are these combined with
+# and_masks / or_masks (the style of transformers.masking_utils). ``h`` is the head index the
+# caller passes in: a caller holding a slice of the heads adds its offset to ``h`` and passes
+# the global head count (docs/algorithms.md section 10).
+def and_masks(*predicates):
+    """Predicate true where every one of ``predicates`` is."""
+
+    def allowed(b, h, q_idx, kv_idx):
+        out = predicates[0](b, h, q_idx, kv_idx)
+        for pred in predicates[1:]:
+            out = out & pred(b, h, q_idx, kv_idx)
+        return out
+
+    return allowed
+
+
+def or_masks(*predicates):
+    """Predicate true where any one of ``predicates`` is."""
+
+    def allowed(b, h, q_idx, kv_idx):
+        out = predicates[0](b, h, q_idx, kv_idx)
+        for pred in predicates[1:]:
+            out = out | pred(b, h, q_idx, kv_idx)
+        return out
+
+    return allowed
+
+
+def causal(ctx: MaskContext):
+    """Key not after the query (``t_k <= t_q``)."""
+    return lambda b, h, q_idx, kv_idx: ctx.t_k[b, kv_idx] <= ctx.t_q[b, q_idx]
+
+
+def padding(ctx: MaskContext):
+    """Query and key are real tokens (not padding, not an empty cache slot)."""
+    return lambda b, h, q_idx, kv_idx: ctx.valid_q[b, q_idx] & ctx.valid_k[b, kv_idx]
+
+
+def same_document(ctx: MaskContext):
+    """Query and key belong to the same packed document."""
+    return lambda b, h, q_idx, kv_idx: ctx.doc_q[b, q_idx] == ctx.doc_k[b, kv_idx]
+
+
+def sinks(ctx: MaskContext, num_sink_tokens: int):
+    """Key is one of the first ``num_sink_tokens`` tokens of its document."""
+    return lambda b, h, q_idx, kv_idx: ctx.p_k[b, kv_idx] < num_sink_tokens
+
+
+def window(ctx: MaskContext, size: int):
+    """Key among the ``size`` most recent tokens up to the query (``t_q - t_k < size``)."""
+    return lambda b, h, q_idx, kv_idx: ctx.t_q[b, q_idx] - ctx.t_k[b, kv_idx] < size
+
+
+def _group_size(ctx: MaskContext, b, num: int, den: int):
+    """G = floor(n * num / den), at least 1, for sample b (``num / den`` = group_ratio)."""
+    return torch.clamp(ctx.length[b] * num // den, min=1)
+
+
+def groups(ctx: MaskContext, group_ratio: float, first_shifted_head: int):
+    """Query and key in the same group of G = n * group_ratio tokens; heads from
+    ``first_shifted_head`` on use groups offset by S = G // 2 (nothing wraps around)."""
+    num, den = ratio_fraction(group_ratio)
+
+    def allowed(b, h, q_idx, kv_idx):
+        G = _group_size(ctx, b, num, den)
+        off = torch.where(h >= first_shifted_head, G // 2, torch.zeros_like(G))
+        return (ctx.t_q[b, q_idx] + off) // G == (ctx.t_k[b, kv_idx] + off) // G
+
+    return allowed
+
+
+def rolled_groups(ctx: MaskContext, group_ratio: float, first_shifted_head: int):
+    """LongLoRA's non-flash code: the shifted heads' sequence rolled by -S, then grouped, with
+    causality in rolled coordinates. Queries 0..S-1 then see keys n-S..n-1: a LEAK, kept only
+    to reproduce LongLoRA's numbers (``wrap: roll``)."""
+    num, den = ratio_fraction(group_ratio)
+
+    def allowed(b, h, q_idx, kv_idx):
+        n = ctx.length[b]
+        G = _group_size(ctx, b, num, den)
         S = G // 2
-        shifted = h >= (num_heads - num_shifted_heads(spec, num_heads))
-        if spec["wrap"] == "roll":
-            # LongLoRA's non-flash code: roll the shifted heads' sequence by -S, then group and
-            # apply causality in rolled coordinates. Queries 0..S-1 see keys n-S..n-1: a LEAK,
-            # kept only to reproduce LongLoRA numbers.
-            ri = torch.where(shifted, torch.remainder(ti - S, n), ti)
-            rj = torch.where(shifted, torch.remainder(tj - S, n), tj)
-            allow = (ri // G == rj // G) & (rj <= ri)
-        else:
-            off = torch.where(shifted, S, torch.zeros_like(S))
-            allow = ((ti + off) // G == (tj + off) // G) & causal
-        allow = allow | (causal & (G >= n))  # N <= G: plain causal attention
-        sinks = int(spec["num_sink_tokens"])
-        if sinks:
-            allow = allow | (causal & (pj < sinks))
-        return allow
+        ti, tj = ctx.t_q[b, q_idx], ctx.t_k[b, kv_idx]
+        shifted = h >= first_shifted_head
+        ri = torch.where(shifted, torch.remainder(ti - S, n), ti)
+        rj = torch.where(shifted, torch.remainder(tj - S, n), tj)
+        return (ri // G == rj // G) & (rj <= ri)
+
+    return allowed
+
+
+def one_group(ctx: MaskContext, group_ratio: float):
+    """The sample fits in one group (n <= G): S2/SF-Attn is then plain causal attention."""
+    num, den = ratio_fraction(group_ratio)
+    return lambda b, h, q_idx, kv_idx: _group_size(ctx, b, num, den) >= ctx.length[b]
+
+
+def local_blocks(ctx: MaskContext, block_size: int, count: int):
+    """Key block within ``count`` blocks of the query's (``q//B - k//B < count``, on ``p``)."""
+    def allowed(b, h, q_idx, kv_idx):
+        return ctx.p_q[b, q_idx] // block_size - ctx.p_k[b, kv_idx] // block_size < count
+
+    return allowed
+
+
+def strided_blocks(ctx: MaskContext, block_size: int, stride: int, step: int):
+    """Key block is head h's strided column: ``(k//B + 1 + h * step) % stride == 0``."""
+    def allowed(b, h, q_idx, kv_idx):
+        return torch.remainder(ctx.p_k[b, kv_idx] // block_size + 1 + h * step, stride) == 0
+
+    return allowed
+
+
+def pattern_mask_mod(spec: dict, ctx: MaskContext, num_heads: int):
+    """The layer's pattern alone (causality included; padding and documents not), as a predicate.
+    ``spec`` must be resolved (:func:`resolve_spec`)."""
+    pattern = spec["pattern"]
+    if pattern == "causal":
+        return causal(ctx)
+    if pattern in TRAINING_ONLY:
+        ratio = spec["group_ratio"]
+        first_shifted = num_heads - num_shifted_heads(spec, num_heads)
+        extra = [one_group(ctx, ratio)]
+        if int(spec["num_sink_tokens"]):
+            extra.append(sinks(ctx, int(spec["num_sink_tokens"])))
+        if spec["wrap"] == "roll":  # the rolled groups carry their own (leaking) causality
+            return or_masks(rolled_groups(ctx, ratio, first_shifted), and_masks(causal(ctx), or_masks(*extra)))
+        return and_masks(causal(ctx), or_masks(groups(ctx, ratio, first_shifted), *extra))
     if pattern == "sink_window":
-        return causal & ((pj < int(spec["num_sink_tokens"])) | (ti - tj < int(spec["window"])))
+        return and_masks(causal(ctx), or_masks(sinks(ctx, int(spec["num_sink_tokens"])),
+                                               window(ctx, int(spec["window"]))))
     if pattern == "block_sparse":
-        B = int(spec["block_size"])
-        qb, kb = pi // B, pj // B
-        step = head_step(spec, num_heads)
-        strided = torch.remainder(kb + 1 + h * step, int(spec["stride"])) == 0
-        return causal & ((qb - kb < int(spec["local_blocks"])) | strided)
+        B, step = int(spec["block_size"]), head_step(spec, num_heads)
+        return and_masks(causal(ctx), or_masks(local_blocks(ctx, B, int(spec["local_blocks"])),
+                                               strided_blocks(ctx, B, int(spec["stride"]), step)))
     raise ValueError(f"pattern: unknown pattern {pattern!r} (valid: {', '.join(PATTERNS)})")
 
 
@@ -263,15 +362,7 @@ def mask_mod(spec: dict, ctx: MaskContext, num_heads: int):
     tensor indices and with broadcast index tensors (see :func:`dense_mask`).
     """
     spec = resolve_spec(spec)
-
-    def allowed(b, h, q_idx, kv_idx):
-        ti, tj = ctx.t_q[b, q_idx], ctx.t_k[b, kv_idx]
-        pi, pj = ctx.p_q[b, q_idx], ctx.p_k[b, kv_idx]
-        same_doc = ctx.doc_q[b, q_idx] == ctx.doc_k[b, kv_idx]
-        valid = ctx.valid_k[b, kv_idx] & ctx.valid_q[b, q_idx]
-        return valid & same_doc & _pattern_allows(spec, num_heads, h, ti, tj, pi, pj, ctx.length[b])
-
-    return allowed
+    return and_masks(padding(ctx), same_document(ctx), pattern_mask_mod(spec, ctx, num_heads))
 
 
 def dense_mask(spec: dict, ctx: MaskContext, num_heads: int) -> torch.Tensor:
@@ -286,3 +377,40 @@ def dense_mask(spec: dict, ctx: MaskContext, num_heads: int) -> torch.Tensor:
     k = torch.arange(Lk, device=dev).view(1, 1, 1, Lk)
     m = mask_mod(spec, ctx, num_heads)(b, h, q, k)
     return m.expand(B, heads, Lq, Lk)
+
+
+def head_positions_mask(spec: dict, batch: int, q_len: int, head_positions: torch.Tensor, num_heads: int,
+                        **context) -> torch.Tensor:
+    """Boolean mask (B, num_heads, Lq, Lk) for caches whose kept keys differ per KV head (H2O):
+    ``head_positions`` (B, Hkv, Lk) holds each KV head's key positions; each query head uses
+    its KV group's. ``context``: the other arguments of :func:`build_context`."""
+    _, kv_heads, k_len = head_positions.shape
+    rep = num_heads // kv_heads
+    masks = []
+    for g in range(kv_heads):
+        ctx = build_context(batch, q_len, k_len, head_positions.device, kv_positions=head_positions[:, g],
+                            **context)
+        m = dense_mask(spec, ctx, num_heads)
+        masks.append(m[:, g * rep:(g + 1) * rep] if m.shape[1] == num_heads
+                     else m.expand(batch, rep, q_len, k_len))
+    return torch.cat(masks, dim=1)
+
+
+def still_visible(spec: dict, key_positions: torch.Tensor, num_heads: int,
+                  next_position: torch.Tensor | int | None = None) -> torch.Tensor:
+    """(B, n) bool: which cached keys (absolute positions, -1 = empty slot) the query at
+    ``next_position`` (default: each row's last position + 1) sees in at least one head, at
+    inference (training-only patterns are causal there).
+
+    For every inference pattern a key that a query cannot see stays invisible to all later
+    queries (sinks and strided columns stay, windows and local blocks only move forward;
+    tests/test_masks.py checks it), so this is also "visible to some future query": exactly
+    what a cache of this layer must keep."""
+    spec = resolve_spec(inference_spec(spec))
+    pos = key_positions.long()
+    batch, n = pos.shape
+    if next_position is None:
+        next_position = pos.amax(dim=-1, keepdim=True) + 1
+    q = torch.as_tensor(next_position, device=pos.device).long().reshape(-1, 1).expand(batch, 1)
+    ctx = build_context(batch, 1, n, pos.device, position_ids=q, kv_positions=pos)
+    return dense_mask(spec, ctx, num_heads).any(dim=1)[:, 0]

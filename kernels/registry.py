@@ -19,7 +19,7 @@ from collections import Counter
 
 import torch
 
-from kernels.masks import TRAINING_ONLY, build_context, resolve_spec
+from kernels.masks import build_context, head_positions_mask, inference_spec, resolve_spec
 
 NAME = "longtune"
 BACKENDS = ("auto", "dense", "sdpa", "sdpa_groups", "flex", "flash")
@@ -126,8 +126,8 @@ def longtune_attention_forward(module, query, key, value, attention_mask, dropou
                                scaling: float | None = None, **kwargs):
     """AttentionInterface entry point: (B, H, Lq, D) q and (B, Hkv, Lk, D) k/v -> ((B, Lq, H, D), None)."""
     spec, layout = _layer_spec(module)
-    if spec["pattern"] in TRAINING_ONLY and not module.training:
-        spec = {"pattern": "causal"}
+    if not module.training:
+        spec = inference_spec(spec)
     if dropout and module.training:
         raise ValueError("config.attention_dropout > 0 is not supported by longtune attention; set it to 0.0")
     cross = spec.get("cross_document", layout.get("cross_document", False))
@@ -164,19 +164,12 @@ def _per_head_positions(module, q, k, v, spec, attention_mask, kwargs, observer,
     ``kwargs["longtune_kv_head_positions"]``: the mask is built per KV head, then one masked
     SDPA (or the dense path with probabilities for the observer) runs over all heads."""
     from kernels.backends import dense
-    from kernels.masks import dense_mask
 
     B, H, Lq, _ = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    rep = H // Hkv
-    pos = kwargs["longtune_kv_head_positions"]
-    masks = []
-    for g in range(Hkv):
-        ctx = build_context(B, Lq, Lk, q.device, attention_mask=attention_mask,
-                            position_ids=kwargs.get("position_ids"), kv_positions=pos[:, g], cross_document=cross)
-        m = dense_mask(spec, ctx, H)
-        masks.append(m[:, g * rep:(g + 1) * rep] if m.shape[1] == H else m.expand(B, rep, Lq, Lk))
-    mask = torch.cat(masks, dim=1)
+    rep = H // k.shape[1]
+    mask = head_positions_mask(spec, B, Lq, kwargs["longtune_kv_head_positions"], H,
+                               attention_mask=attention_mask, position_ids=kwargs.get("position_ids"),
+                               cross_document=cross)
     if observer is None:
         safe = mask | ~mask.any(dim=-1, keepdim=True)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=safe, scale=scale,
@@ -211,15 +204,15 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    if AttentionInterface._global_mapping.get(NAME) is not longtune_attention_forward:
+    if not is_registered():
         AttentionInterface.register(NAME, longtune_attention_forward)
-    if AttentionMaskInterface._global_mapping.get(NAME) is not longtune_mask:
         AttentionMaskInterface.register(NAME, longtune_mask)
 
 
 def is_registered() -> bool:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    """Whether both registries hold our functions (read through their public global instances)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    return (AttentionInterface._global_mapping.get(NAME) is longtune_attention_forward
-            and AttentionMaskInterface._global_mapping.get(NAME) is longtune_mask)
+    return (ALL_ATTENTION_FUNCTIONS.get(NAME) is longtune_attention_forward
+            and ALL_MASK_ATTENTION_FUNCTIONS.get(NAME) is longtune_mask)

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, DynamicCache, LlamaConfig
 
 from finetune.recipe import validate
 from kernels.layout import (
@@ -24,16 +24,10 @@ from kernels.registry import kernel_calls, longtune_attention_forward, register,
 H, HKV = 4, 2
 
 
-def tiny_model(layers=3, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=H, num_key_value_heads=HKV, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg)
-
-
 # ---------------------------------------------------------------- hand-built reference
 def hand_mask(spec, n_real, L, heads):
-    """Loops over algorithms.md's tables, right padding: sample b has n_real[b] tokens."""
+    """Loops over the tables of docs/algorithms.md sections 2-4; right padding: sample b has
+    n_real[b] tokens."""
     m = torch.zeros(len(n_real), heads, L, L, dtype=torch.bool)
     for b, n in enumerate(n_real):
         for h in range(heads):
@@ -73,8 +67,8 @@ def reference_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=No
 AttentionInterface.register("lt_test_ref", reference_attention)
 
 
-def _compare(layout, train, n_real, L=24, layers=3):
-    model = tiny_model(layers)
+def _compare(tiny_llama, layout, train, n_real, L=24, layers=3):
+    model = tiny_llama(layers)
     ref = copy.deepcopy(model)
     install_layout(model.config, layout)
     ref.config._attn_implementation = "lt_test_ref"
@@ -103,33 +97,33 @@ HYBRID = {"version": 1, "backend": "auto", "cross_document": False, "layers": [
 ]}
 
 
-def test_sf_attn_training_equals_hand_built_reference():
+def test_sf_attn_training_equals_hand_built_reference(tiny_llama):
     layout = {"version": 1, "backend": "auto", "cross_document": False, "layers": [copy.deepcopy(SF)] * 3}
-    calls = _compare(layout, train=True, n_real=[24, 17])
+    calls = _compare(tiny_llama, layout, train=True, n_real=[24, 17])
     assert calls == {("sf_attn", "sdpa_groups"): 3}
 
 
-def test_training_only_pattern_is_causal_in_eval():
+def test_training_only_pattern_is_causal_in_eval(tiny_llama):
     layout = {"version": 1, "backend": "auto", "cross_document": False, "layers": [copy.deepcopy(SF)] * 3}
-    calls = _compare(layout, train=False, n_real=[24, 17])
+    calls = _compare(tiny_llama, layout, train=False, n_real=[24, 17])
     assert calls == {("causal", "sdpa"): 3}
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_hybrid_equals_hand_built_reference(train):
-    calls = _compare(HYBRID, train=train, n_real=[24, 19])
+def test_hybrid_equals_hand_built_reference(train, tiny_llama):
+    calls = _compare(tiny_llama, HYBRID, train=train, n_real=[24, 19])
     assert calls == {("sink_window", "sdpa_groups"): 1, ("causal", "sdpa"): 1, ("block_sparse", "sdpa"): 1}
 
 
-def test_requested_backend_runs_and_is_counted():
+def test_requested_backend_runs_and_is_counted(tiny_llama):
     layout = {"version": 1, "backend": "dense", "cross_document": False, "layers": [copy.deepcopy(SF)] * 3}
-    assert _compare(layout, train=True, n_real=[24]) == {("sf_attn", "dense"): 3}
+    assert _compare(tiny_llama, layout, train=True, n_real=[24]) == {("sf_attn", "dense"): 3}
 
 
 @pytest.mark.parametrize("layout", [HYBRID, {"version": 1, "layers": [copy.deepcopy(SF)] * 3}])
-def test_decode_steps_match_full_forward(layout):
+def test_decode_steps_match_full_forward(layout, tiny_llama):
     """Prefill + q_len=1 steps through a DynamicCache give the full forward's logits (eval)."""
-    model = tiny_model()
+    model = tiny_llama(3)
     install_layout(model.config, layout)
     model.eval()
     ids = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(5))
@@ -143,9 +137,9 @@ def test_decode_steps_match_full_forward(layout):
             torch.testing.assert_close(step[:, -1], full[:, i], rtol=1e-4, atol=1e-5)
 
 
-def test_packed_position_ids_reach_the_kernel():
+def test_packed_position_ids_reach_the_kernel(tiny_llama):
     """Two packed documents through the model == each document alone (hybrid layout, eval)."""
-    model = tiny_model()
+    model = tiny_llama(3)
     install_layout(model.config, HYBRID)
     model.eval()
     a, b = torch.randint(0, 61, (1, 11)), torch.randint(0, 61, (1, 9))
@@ -179,15 +173,16 @@ def test_compact_keys_with_kv_positions():
 
 
 def test_register_is_idempotent_and_patches_nothing():
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    before = dict(AttentionInterface._global_mapping)
+    before = dict(ALL_ATTENTION_FUNCTIONS.items())
     register()
     register()
-    after = dict(AttentionInterface._global_mapping)
+    after = dict(ALL_ATTENTION_FUNCTIONS.items())
     assert after["longtune"] is longtune_attention_forward
     assert {k: v for k, v in after.items() if k != "longtune"} == {k: v for k, v in before.items() if k != "longtune"}
-    assert "longtune" in AttentionMaskInterface._global_mapping
+    assert "longtune" in ALL_MASK_ATTENTION_FUNCTIONS
     assert after["sdpa"].__module__ == "transformers.integrations.sdpa_attention"
 
 
@@ -250,8 +245,8 @@ def test_block_sparse_hybrid_and_validation_errors():
         validate_layout({**layout, "backend": "triton"}, 6)
 
 
-def test_install_layout_and_config_roundtrip(tmp_path):
-    model = tiny_model()
+def test_install_layout_and_config_roundtrip(tmp_path, tiny_llama):
+    model = tiny_llama(3)
     install_layout(model.config, HYBRID)
     assert model.config._attn_implementation == "longtune"
     model.config.save_pretrained(tmp_path)
@@ -311,9 +306,9 @@ def test_per_kv_head_positions():
         torch.testing.assert_close(out[:, :, gi * 2:(gi + 1) * 2], want)
 
 
-def test_left_padded_batch_generation_matches_single_rows():
+def test_left_padded_batch_generation_matches_single_rows(tiny_llama):
     """generate() with a left-padded batch: each row decodes as it would alone (hybrid, eval)."""
-    model = tiny_model()
+    model = tiny_llama(3)
     install_layout(model.config, HYBRID)
     model.eval()
     g = torch.Generator().manual_seed(7)
@@ -330,7 +325,7 @@ def test_left_padded_batch_generation_matches_single_rows():
     assert torch.equal(both[1, 12:], alone_b[0, 8:])
 
 
-def test_requested_backend_falls_back_when_it_cannot_serve_the_call(monkeypatch):
+def test_requested_backend_falls_back_when_it_cannot_serve_the_call(monkeypatch, tiny_llama):
     """flex has no CPU backward, grouped backends no decode/roll: sdpa runs and the counter says so."""
     monkeypatch.setenv("LONGTUNE_FLEX_COMPILE", "0")  # eager flex: compiling takes ~20 s on CPU
     sf = copy.deepcopy(SF)
@@ -342,7 +337,7 @@ def test_requested_backend_falls_back_when_it_cannot_serve_the_call(monkeypatch)
         (roll, "auto", True, ("sf_attn", "sdpa")),
         (win, "flex", False, ("sink_window", "flex")),  # no grad needed: flex runs on CPU
     ]:
-        model = tiny_model(layers=1)
+        model = tiny_llama(layers=1)
         install_layout(model.config, {"version": 1, "backend": backend, "layers": [spec]})
         model.train(train)
         reset_kernel_calls()

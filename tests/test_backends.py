@@ -147,7 +147,8 @@ def test_roll_mode_backends_agree_with_dense():
 @pytest.mark.parametrize("spec_name", ["sf4", "win4"])
 @pytest.mark.parametrize("backend", ["sdpa_groups", "sdpa"])
 def test_float32_error_within_reference_error(backend, spec_name):
-    """conventions.md: candidate (fp32) vs float64 reference within a few times the reference's own fp32 error."""
+    """docs/kernels.md, Tests: candidate (fp32) vs float64 reference within a few times the reference's own
+    fp32 error."""
     B, L, kw = _context("pad")
     spec = resolve_spec(SPECS[spec_name])
     ctx = build_context(B, L, L, "cpu", **kw)

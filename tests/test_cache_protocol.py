@@ -3,7 +3,7 @@ that the attention module then unpacks into the attention function. longtune's c
 it to pass key positions and the H2O observer; if a transformers release changes it, this fails."""
 
 import torch
-from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, DynamicCache
 
 from finetune.caches.base import OBSERVER_KEY, POSITIONS_KEY
 from finetune.caches.sink_window import SinkWindowCache
@@ -27,20 +27,11 @@ class _MarkingCache(DynamicCache):
         return super().update(key_states, value_states, layer_idx)
 
 
-def _model(layers=2):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64, max_position_embeddings=128,
-    )  # fmt: skip
-    m = LlamaForCausalLM(cfg).eval()
-    AttentionInterface.register(SPY, _spy_attention)
-    m.config._attn_implementation = SPY
-    return m
+AttentionInterface.register(SPY, _spy_attention)
 
 
-def test_update_kwargs_reach_the_attention_function():
-    m = _model()
+def test_update_kwargs_reach_the_attention_function(tiny_llama):
+    m = tiny_llama(attn=SPY)
     SEEN.clear()
     ids = torch.randint(0, 64, (1, 5))
     with torch.no_grad():
@@ -54,8 +45,8 @@ def test_update_kwargs_reach_the_attention_function():
         assert "position_ids" in s["keys"], "position_ids no longer reach the attention function"
 
 
-def test_positioned_cache_annotates_positions():
-    m = _model()
+def test_positioned_cache_annotates_positions(tiny_llama):
+    m = tiny_llama(attn=SPY)
     SEEN.clear()
     cache = SinkWindowCache(2, window=3, num_sink_tokens=1)
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig
 
 from finetune.caches import H2OCache, HybridCache, SinkWindowCache, make_cache, validate_kv_config
 from finetune.recipe import KVCacheSection
@@ -11,18 +11,8 @@ SW = {"pattern": "sink_window", "window": 8, "num_sink_tokens": 2}
 FULL = {"pattern": "causal"}
 
 
-def config(layers=None, n=3):
-    cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=97, max_position_embeddings=256,
-    )  # fmt: skip
-    if layers is not None:
-        cfg.longtune_attention = {"version": 1, "backend": "auto", "cross_document": False, "layers": layers}
-    return cfg
-
-
-def test_validate_defaults_and_version():
-    out = validate_kv_config({"method": "h2o"}, config())
+def test_validate_defaults_and_version(tiny_config):
+    out = validate_kv_config({"method": "h2o"}, LlamaConfig(**tiny_config(num_hidden_layers=3)))
     assert out["version"] == 2 and out["positions"] == "absolute"
     assert out["heavy_ratio"] == out["recent_ratio"] == 0.1  # H2O reference default
     assert validate_kv_config(None)["method"] == "full"
@@ -43,20 +33,20 @@ def test_validate_defaults_and_version():
         ({"method": "sink"}, None, "kv_cache.window"),
         ({"method": "h2o", "heavy": 4, "heavy_ratio": 0.1}, None, "kv_cache.heavy"),
         ({"method": "h2o", "recent_ratio": 1.5}, None, "kv_cache.recent_ratio"),
-        ({"method": "hybrid"}, config(), "kv_cache.method: 'hybrid' needs"),
-        ({"method": "sink", "window": 4, "layers": [0, 7]}, config(), "kv_cache.layers"),
-        ({"method": "h2o", "layers": "sparse"}, config(), "kv_cache.layers"),
+        ({"method": "hybrid"}, "tiny", "kv_cache.method: 'hybrid' needs"),
+        ({"method": "sink", "window": 4, "layers": [0, 7]}, "tiny", "kv_cache.layers"),
+        ({"method": "h2o", "layers": "sparse"}, "tiny", "kv_cache.layers"),
     ],
 )
-def test_validate_errors_name_the_key(kv, model_cfg, key):
+def test_validate_errors_name_the_key(kv, model_cfg, key, tiny_config):
+    model_cfg = LlamaConfig(**tiny_config(num_hidden_layers=3)) if model_cfg == "tiny" else model_cfg
     with pytest.raises(ValueError, match=key.replace("(", r"\(").replace("'", "'")):
         validate_kv_config(kv, model_cfg)
 
 
-def test_make_cache_builds_each_method():
+def test_make_cache_builds_each_method(tiny_llama):
     kernels_layout = pytest.importorskip("kernels.layout")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config([SW, FULL, SW])).eval()
+    model = tiny_llama(layout=[SW, FULL, SW])
     model.config._attn_implementation = "sdpa"
     assert isinstance(make_cache(model, None), DynamicCache)
     assert model.config._attn_implementation == "longtune"  # a hybrid model needs its sparse masks
@@ -70,10 +60,9 @@ def test_make_cache_builds_each_method():
     assert kernels_layout is not None
 
 
-def test_make_cache_installs_longtune_attention_and_generates():
+def test_make_cache_installs_longtune_attention_and_generates(tiny_llama):
     pytest.importorskip("kernels.layout")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config()).double().eval()
+    model = tiny_llama(3, dtype=torch.float64)
     model.config._attn_implementation = "sdpa"
     ids = torch.randint(0, 97, (2, 20))
     kw = {
@@ -97,16 +86,14 @@ def test_make_cache_installs_longtune_attention_and_generates():
 
 
 @pytest.mark.parametrize("kv", [{"method": "h2o", "heavy": 3, "recent": 3}, {"method": "sink", "window": 5}])
-def test_make_cache_turns_use_cache_on(kv):
+def test_make_cache_turns_use_cache_on(kv, tiny_llama):
     """A model built for training (config.use_cache=False, as build_base_model returns it): with
     a cache from make_cache, generate must still feed one token per step and give the tokens of
     the same model with use_cache on."""
-    torch.manual_seed(0)
-    trained = LlamaForCausalLM(config()).double().eval()
+    trained = tiny_llama(layers=3, dtype=torch.float64)
     trained.config.use_cache = False
     trained.generation_config.use_cache = False
-    torch.manual_seed(0)
-    plain = LlamaForCausalLM(config()).double().eval()
+    plain = tiny_llama(layers=3, dtype=torch.float64)
     ids = torch.randint(0, 97, (2, 12))
     kw = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "min_new_tokens": 8,
           "do_sample": False, "pad_token_id": 0}  # fmt: skip

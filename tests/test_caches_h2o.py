@@ -5,7 +5,6 @@ import torch
 from transformers import DynamicCache, StoppingCriteria
 
 from finetune.caches.h2o import H2OCache
-from tests.cache_models import greedy, tiny
 
 
 def causal_probs(b, h, q, k, offset, gen):
@@ -101,8 +100,8 @@ def test_h2o_eviction_matches_direct_computation(norm, red):
 
 
 
-def test_h2o_full_budget_equals_full_cache():
-    m = tiny()
+def test_h2o_full_budget_equals_full_cache(reference_llama, greedy):
+    m = reference_llama()
     ids = torch.randint(0, 97, (2, 30))
     full = greedy(m, ids, DynamicCache(), 20)
     cache = H2OCache(2, 2, heavy=60, recent=60, num_sink_tokens=4, prefill_chunk=7)
@@ -111,8 +110,8 @@ def test_h2o_full_budget_equals_full_cache():
 
 
 @pytest.mark.parametrize("norm", ["none", "mean"])
-def test_h2o_memory_stays_within_budget(norm):
-    m = tiny()
+def test_h2o_memory_stays_within_budget(norm, reference_llama, greedy):
+    m = reference_llama()
     ids = torch.randint(0, 97, (2, 20))
     cache = H2OCache(2, 2, heavy_ratio=0.25, recent_ratio=0.2, num_sink_tokens=2, score_normalization=norm,
                      layers=[1], prefill_chunk=8)  # fmt: skip
@@ -133,8 +132,8 @@ def test_h2o_memory_stays_within_budget(norm):
     assert sizes[-1][0] == 59
 
 
-def test_h2o_needs_the_observing_attention_function():
-    m = tiny()
+def test_h2o_needs_the_observing_attention_function(reference_llama, greedy):
+    m = reference_llama()
     m.config._attn_implementation = "sdpa"
     cache = H2OCache(2, 2, heavy=2, recent=2)
     ids = torch.randint(0, 97, (1, 10))
@@ -142,13 +141,13 @@ def test_h2o_needs_the_observing_attention_function():
         greedy(m, ids, cache, 3)
 
 
-def test_h2o_left_padding_row_equals_row_alone():
+def test_h2o_left_padding_row_equals_row_alone(reference_llama):
     """A left-padded row keeps and scores exactly what it would alone: pads (position -1) are
     evicted first, add no score as queries, and its sinks are its first real tokens."""
     pytest.importorskip("kernels.layout")
     from finetune.caches import make_cache
 
-    m = tiny()
+    m = reference_llama()
     ids = torch.randint(1, 97, (2, 30))
     mask = torch.ones_like(ids)
     ids[1, :7], mask[1, :7] = 0, 0
@@ -181,7 +180,7 @@ def test_column_sums_equal_the_dense_probabilities(monkeypatch):
 
 
 @pytest.mark.parametrize("norm", ["none", "mean"])
-def test_h2o_fused_prefill_keeps_what_the_reference_keeps(norm, monkeypatch):
+def test_h2o_fused_prefill_keeps_what_the_reference_keeps(norm, monkeypatch, reference_llama, greedy):
     """make_cache's H2O (scores from the fused attention pass) keeps the same keys, with the
     same scores, and generates the same tokens as H2O on the plain reference attention
     (explicit probabilities), prefill and decode."""
@@ -190,10 +189,10 @@ def test_h2o_fused_prefill_keeps_what_the_reference_keeps(norm, monkeypatch):
     monkeypatch.setattr(h2o_attention, "ROWS", 16)
     ids = torch.randint(0, 97, (2, 40))
     kv = {"method": "h2o", "heavy": 5, "recent": 4, "num_sink_tokens": 2, "score_normalization": norm}
-    ref_model = tiny()
+    ref_model = reference_llama()
     ref = H2OCache(2, 2, heavy=5, recent=4, num_sink_tokens=2, score_normalization=norm)
     want = greedy(ref_model, ids, ref, 12)
-    model = tiny()
+    model = reference_llama()
     fused = make_cache(model, kv)
     assert model.config._attn_implementation == h2o_attention.NAME
     calls = []
@@ -207,13 +206,13 @@ def test_h2o_fused_prefill_keeps_what_the_reference_keeps(norm, monkeypatch):
 
 
 @pytest.mark.parametrize("attn", ["fused", "reference"])
-def test_h2o_ratio_budgets_per_row_from_its_real_prompt(attn):
+def test_h2o_ratio_budgets_per_row_from_its_real_prompt(attn, reference_llama):
     """Ratio budgets come from each row's real prompt length, not the padded width: a
     left-padded row generates the same tokens and keeps the same keys (same scores) as the
     same prompt alone; its extra slots are empty (position -1)."""
     from finetune.caches import make_cache
 
-    m = tiny()
+    m = reference_llama()
     ids = torch.randint(1, 97, (2, 40))
     mask = torch.ones_like(ids)
     ids[1, :15], mask[1, :15] = 0, 0

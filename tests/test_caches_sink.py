@@ -5,28 +5,27 @@ import torch
 from transformers import DynamicCache, StoppingCriteria
 
 from finetune.caches.sink_window import SinkWindowCache, SinkWindowLayer
-from tests.cache_models import greedy, tiny
 
 
-def test_sink_cache_is_the_sink_window_mask_without_rerotation():
+def test_sink_cache_is_the_sink_window_mask_without_rerotation(reference_llama, greedy):
     """Keys stay at their absolute positions: decoding with a sink cache on a causal model gives
     exactly what a full cache gives under the mask `j < s or i - j < W + 1` (the cache holds the
     sinks and the last W tokens; the new token makes W + 1). The prompt is shorter than the
     window because `method: sink` prefills with plain causal attention over the whole prompt."""
     W, s = 6, 2
-    masked = tiny({"pattern": "sink_window", "window": W + 1, "num_sink_tokens": s})
+    masked = reference_llama({"pattern": "sink_window", "window": W + 1, "num_sink_tokens": s})
     ids = torch.randint(0, 97, (2, 4))
     want = greedy(masked, ids, DynamicCache(), 30)
-    plain = tiny()  # same weights (same seed), causal attention
+    plain = reference_llama()  # same weights (same seed), causal attention
     cache = SinkWindowCache(2, window=W, num_sink_tokens=s)
     assert torch.equal(greedy(plain, ids, cache, 30), want)
     assert cache.kept_tokens() == [W + s, W + s]
     assert not torch.equal(greedy(plain, ids, DynamicCache(), 30), want)  # eviction mattered
 
 
-def test_sink_memory_stays_within_budget():
+def test_sink_memory_stays_within_budget(reference_llama, greedy):
     W, s = 5, 3
-    m = tiny()
+    m = reference_llama()
     cache = SinkWindowCache(2, window=W, num_sink_tokens=s, layers=[0])
     sizes = []
 
@@ -60,18 +59,7 @@ def test_crop_and_reorder():
         raise AssertionError("crop of an evicting layer must fail")
 
 
-def _one_layer(max_positions=32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(3)
-    cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=97, max_position_embeddings=max_positions, tie_word_embeddings=False,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).double().eval()
-
-
-def test_streaming_positions_past_max_position_embeddings():
+def test_streaming_positions_past_max_position_embeddings(tiny_llama):
     """`positions: cache` (StreamingLLM): keys re-rotated to contiguous positions inside the
     cache. With one layer a key depends only on its token and its position, so every decode
     step must equal a fresh forward of the kept tokens (the sinks, the last W tokens and the
@@ -79,7 +67,7 @@ def test_streaming_positions_past_max_position_embeddings():
     from finetune.caches import make_cache
 
     W, s, prompt, new = 6, 2, 5, 43  # 48 tokens: 1.5x the model's positions
-    m = _one_layer()
+    m = tiny_llama(layers=1, seed=3, dtype=torch.float64, max_position_embeddings=32)
     ids = torch.randint(0, 97, (1, prompt))
     kv = {"method": "sink", "window": W, "num_sink_tokens": s, "positions": "cache"}
     kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0,
@@ -99,11 +87,11 @@ def test_streaming_positions_past_max_position_embeddings():
     assert not torch.allclose(absolute.logits[-1], out.logits[-1])
 
 
-def test_streaming_positions_left_padded_row_equals_row_alone():
+def test_streaming_positions_left_padded_row_equals_row_alone(tiny_llama):
     """In-cache positions count a row's real tokens only: a left-padded row decodes as alone."""
     from finetune.caches import make_cache
 
-    m = _one_layer()
+    m = tiny_llama(layers=1, seed=3, dtype=torch.float64, max_position_embeddings=32)
     ids = torch.randint(1, 97, (2, 9))
     mask = torch.ones_like(ids)
     ids[1, :4], mask[1, :4] = 0, 0

@@ -10,11 +10,10 @@ import yaml
 
 from finetune.export import card, export_run
 from finetune.export import push as push_mod
-from tests.test_export_fixtures import sf_run  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def exp(sf_run, tmp_path_factory):  # noqa: F811
+def exp(sf_run, tmp_path_factory):
     return export_run(sf_run, tmp_path_factory.mktemp("cp") / "export", dtype="float32")
 
 
@@ -69,7 +68,7 @@ def test_refresh_card_with_eval_results(exp, tmp_path):
     assert card.refresh_card(tmp_path / "no-run") is None
 
 
-def test_dry_run_lists_files_and_sizes(exp, sf_run):  # noqa: F811
+def test_dry_run_lists_files_and_sizes(exp, sf_run):
     buf = io.StringIO()
     files = push_mod.push(exp, "me/tiny", dry_run=True, out=buf)
     names = [n for n, _ in files]
@@ -141,14 +140,14 @@ def test_push_refuses_bad_input(exp, tmp_path, capsys):
     assert "README.md" in capsys.readouterr().err
 
 
-def test_push_run_dir_finds_the_recipes_export_output_dir(exp, sf_run, tmp_path, capsys):  # noqa: F811
+def test_push_run_dir_finds_the_recipes_export_output_dir(exp, sf_run, tmp_path, capsys):
     # `longtune export RUN` writes to the recipe's export.output_dir: `longtune push RUN` must find it there
     run = tmp_path / "run"
     run.mkdir()
     raw = yaml.safe_load((sf_run / "recipe.yaml").read_text())
     raw.setdefault("export", {})["output_dir"] = str(exp)
     (run / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    assert push_mod.resolve_export_dir(run) == exp
+    assert push_mod.resolve_export_dir(run) == (exp, run)
     assert push_mod.main([str(run), "--repo", "me/x", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert str(exp) in out and "kv_cache_config.json" in out

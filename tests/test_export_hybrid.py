@@ -13,13 +13,12 @@ import pytest
 import torch
 
 from finetune.export import export_run
-from tests.test_export_fixtures import IDS, hybrid_run  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def hybrid_export(hybrid_run, tmp_path_factory):  # noqa: F811
+def hybrid_export(hybrid_run, tmp_path_factory):
     return export_run(hybrid_run, tmp_path_factory.mktemp("hy-out") / "export", dtype="float32")
 
 
@@ -36,7 +35,7 @@ def test_hybrid_export_config(hybrid_export):
     assert kv["method"] == "hybrid" and kv["full_layers"] == [1, 2] and kv["window"] == 16
 
 
-def test_load_model_restores_hybrid_attention(hybrid_run, hybrid_export):  # noqa: F811
+def test_load_model_restores_hybrid_attention(hybrid_run, hybrid_export, prompt_ids):
     """load_model == the unmerged peft model under the same hybrid layout; != full attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -48,24 +47,24 @@ def test_load_model_restores_hybrid_attention(hybrid_run, hybrid_export):  # noq
     assert model.config._attn_implementation == "longtune"
     assert next(l["pattern"] for l in model.config.longtune_attention["layers"]) == "sink_window"
     with torch.no_grad():
-        got = model(input_ids=IDS).logits
+        got = model(input_ids=prompt_ids).logits
 
     peft = load_peft(hybrid_run)
     cfg = peft.get_base_model().config
     install_layout(cfg, inference_layout(cfg.longtune_attention))
     with torch.no_grad():
-        ref = peft(input_ids=IDS).logits
+        ref = peft(input_ids=prompt_ids).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
     # The same weights under plain full attention (what a silent Llama load would do) differ:
-    # IDS (20 tokens) is longer than window 16 + 2 sinks.
+    # prompt_ids (20 tokens) is longer than window 16 + 2 sinks.
     cj = json.loads((hybrid_export / "config.json").read_text())
     for k in ("auto_map", "architectures", "model_type", "longtune_attention"):
         cj.pop(k)
     plain = LlamaForCausalLM(LlamaConfig(**cj))
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
-        assert (plain.eval()(input_ids=IDS).logits - got).abs().max() > 1e-4
+        assert (plain.eval()(input_ids=prompt_ids).logits - got).abs().max() > 1e-4
 
 
 PLAIN_LOAD = textwrap.dedent(

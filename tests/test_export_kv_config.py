@@ -9,7 +9,6 @@ import pytest
 from finetune.caches import config as kv_config
 from finetune.caches.config import KVConfigError
 from finetune.export import export_run
-from tests.test_export_fixtures import sf_run  # noqa: F401
 
 CAUSAL = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
           "longtune_attention": {"version": 1, "layers": [{"pattern": "causal"}] * 4}}  # fmt: skip
@@ -94,7 +93,7 @@ def test_read_names_the_file_for_malformed_json(tmp_path, text, msg):
     assert str(tmp_path / kv_config.FILE) in str(e.value) and msg in str(e.value)
 
 
-def test_export_refuses_invalid_kv_config_before_writing(sf_run, tmp_path):  # noqa: F811
+def test_export_refuses_invalid_kv_config_before_writing(sf_run, tmp_path):
     import shutil
 
     import yaml
@@ -109,7 +108,7 @@ def test_export_refuses_invalid_kv_config_before_writing(sf_run, tmp_path):  # n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_exported_kv_config_file(sf_run, tmp_path):  # noqa: F811
+def test_exported_kv_config_file(sf_run, tmp_path):
     out = export_run(sf_run, tmp_path / "e", dtype="float32")
     cfg = json.loads((out / "kv_cache_config.json").read_text())
     assert cfg["version"] == 2 and cfg["positions"] == "absolute" and cfg["method"] == "sink" and cfg["window"] == 8

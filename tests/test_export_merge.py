@@ -11,29 +11,28 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from finetune.export import ExportError, export_run, main
-from tests.test_export_fixtures import IDS, make_run, peft_logits, sf_run  # noqa: F401
 
 # fp32 export: merging W + s*B@A changes only the summation order.
 ATOL, RTOL = 1e-5, 1e-4
 
 
 @pytest.fixture(scope="module")
-def sf_export(sf_run, tmp_path_factory):  # noqa: F811
+def sf_export(sf_run, tmp_path_factory):
     return export_run(sf_run, tmp_path_factory.mktemp("out") / "export", dtype="float32")
 
 
-def test_merged_logits_equal_unmerged_peft(sf_run, sf_export):  # noqa: F811
+def test_merged_logits_equal_unmerged_peft(sf_run, sf_export, peft_logits, prompt_ids):
     from transformers import AutoModelForCausalLM
 
-    ref = peft_logits(sf_run, IDS)
+    ref = peft_logits(sf_run, prompt_ids)
     merged = AutoModelForCausalLM.from_pretrained(str(sf_export), dtype=torch.float32).eval()
     with torch.no_grad():
-        got = merged(input_ids=IDS).logits
+        got = merged(input_ids=prompt_ids).logits
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
     # Merging mattered: the bare base gives different logits.
     base = AutoModelForCausalLM.from_pretrained(str(sf_run / "final" / "base"), dtype=torch.float32).eval()
     with torch.no_grad():
-        assert (base(input_ids=IDS).logits - ref).abs().max() > 1e-2
+        assert (base(input_ids=prompt_ids).logits - ref).abs().max() > 1e-2
 
 
 def test_export_contents_config_and_layout(sf_export):
@@ -69,7 +68,7 @@ def test_reloaded_export_keeps_rope_and_layout(sf_export):
     assert model.longtune_kv_cache["method"] == "sink" and model.longtune_kv_cache["window"] == 8
 
 
-def test_dtype_bf16(sf_run, tmp_path):  # noqa: F811
+def test_dtype_bf16(sf_run, tmp_path):
     out = export_run(sf_run, tmp_path / "bf16", dtype="bfloat16")
     tensors = {}
     for f in out.glob("*.safetensors"):
@@ -78,10 +77,11 @@ def test_dtype_bf16(sf_run, tmp_path):  # noqa: F811
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_force_and_atomicity(sf_run, tmp_path, monkeypatch):  # noqa: F811
+def test_force_and_atomicity(sf_run, tmp_path, monkeypatch):
     out = tmp_path / "exp"
     out.mkdir()
     (out / "keep.txt").write_text("old")
+    (out / "longtune_export.json").write_text("{}")  # an earlier export: ours to replace with --force
     with pytest.raises(ExportError, match="--force"):
         export_run(sf_run, out)
     assert main([str(sf_run), "--output", str(out)]) == 2  # CLI: clear error, exit 2
@@ -116,7 +116,7 @@ def _copy_run(run: Path, dst: Path) -> Path:
     return dst
 
 
-def test_zero3_empty_weights_refused_real_weights_pass(sf_run, tmp_path):  # noqa: F811
+def test_zero3_empty_weights_refused_real_weights_pass(sf_run, tmp_path):
     run = _copy_run(sf_run, tmp_path / "run")
     f = run / "final" / "adapter_model.safetensors"
     real = load_file(str(f))
@@ -130,7 +130,7 @@ def test_zero3_empty_weights_refused_real_weights_pass(sf_run, tmp_path):  # noq
     assert export_run(run, tmp_path / "out", dtype="float32").is_dir()
 
 
-def test_checkpoint_from_deepspeed_zero3_state(sf_run, tmp_path, monkeypatch):  # noqa: F811
+def test_checkpoint_from_deepspeed_zero3_state(sf_run, tmp_path, monkeypatch):
     """--checkpoint: newest checkpoint-N; empty adapter file -> zero_to_fp32 consolidation."""
     from finetune.export import merge
 
@@ -143,6 +143,7 @@ def test_checkpoint_from_deepspeed_zero3_state(sf_run, tmp_path, monkeypatch):  
         save_file({k: torch.empty(0) for k in real}, str(ck / "adapter_model.safetensors"))
         (ck / "latest").write_text(f"global_step{step}")
         (ck / f"global_step{step}").mkdir()
+        (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))  # complete
     seen = []
 
     def fake_zero(path, tag=None, exclude_frozen_parameters=False, lazy_mode=False):
@@ -173,11 +174,11 @@ def test_checkpoint_from_deepspeed_zero3_state(sf_run, tmp_path, monkeypatch):  
     assert a.keys() == b.keys()
     for k, v in a.items():
         torch.testing.assert_close(v, b[k], atol=0, rtol=0)
-    with pytest.raises(ExportError, match="no checkpoint-N"):
+    with pytest.raises(ExportError, match="no complete checkpoint-N"):
         merge.newest_checkpoint(tmp_path)
 
 
-def test_mismatched_base_refused(sf_run, tmp_path):  # noqa: F811
+def test_mismatched_base_refused(sf_run, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     run = _copy_run(sf_run, tmp_path / "run")
@@ -194,7 +195,7 @@ def test_mismatched_base_refused(sf_run, tmp_path):  # noqa: F811
     assert not (tmp_path / "out").exists()
 
 
-def test_adapter_shape_mismatch_refused(sf_run, tmp_path):  # noqa: F811
+def test_adapter_shape_mismatch_refused(sf_run, tmp_path):
     run = _copy_run(sf_run, tmp_path / "run")
     f = run / "final" / "adapter_model.safetensors"
     t = load_file(str(f))
@@ -205,7 +206,7 @@ def test_adapter_shape_mismatch_refused(sf_run, tmp_path):  # noqa: F811
         export_run(run, tmp_path / "out")
 
 
-def test_pickled_adapter_refused(sf_run, tmp_path):  # noqa: F811
+def test_pickled_adapter_refused(sf_run, tmp_path):
     run = _copy_run(sf_run, tmp_path / "run")
     f = run / "final" / "adapter_model.safetensors"
     torch.save(load_file(str(f)), str(run / "final" / "adapter_model.bin"))
@@ -214,7 +215,7 @@ def test_pickled_adapter_refused(sf_run, tmp_path):  # noqa: F811
         export_run(run, tmp_path / "out")
 
 
-def test_full_finetune_run_exports_its_weights(tmp_path):
+def test_full_finetune_run_exports_its_weights(tmp_path, recipe_dict, prompt_ids):
     """lora.mode full: final/ holds config.json + model.safetensors; nothing to merge."""
     from types import SimpleNamespace
 
@@ -225,7 +226,6 @@ def test_full_finetune_run_exports_its_weights(tmp_path):
     from finetune.model import build_config, build_model
     from finetune.recipe import validate
     from finetune.train import save_final, write_resolved
-    from tests.test_export_fixtures import recipe_dict
 
     d = recipe_dict(tmp_path / "full", "sf_attn")
     d["lora"] = {"mode": "full"}
@@ -243,25 +243,27 @@ def test_full_finetune_run_exports_its_weights(tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "full" / "final"), dtype=torch.float32).eval()
     with torch.no_grad():
-        torch.testing.assert_close(exported(input_ids=IDS).logits, ref(input_ids=IDS).logits, atol=0, rtol=0)
+        torch.testing.assert_close(
+            exported(input_ids=prompt_ids).logits, ref(input_ids=prompt_ids).logits, atol=0, rtol=0
+        )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rope_parameters"]["factor"] == 2.0
     assert {l["pattern"] for l in cfg["longtune_attention"]["layers"]} == {"causal"}
     assert all(f.stat().st_mode & 0o044 for f in out.glob("*.safetensors"))  # not left 0600
 
 
-def test_checkpoint_of_unfinished_run_with_path_base(tmp_path):
-    """No final/ yet (stopped early): --checkpoint rebuilds the run config from recipe.yaml."""
+def test_checkpoint_of_unfinished_run_with_path_base(tmp_path, recipe_dict, prompt_ids, tiny_llama_config):
+    """No final/ yet (stopped early): --checkpoint reads the record train wrote into it."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from finetune.model import build_model
+    from finetune.model import build_config, build_model
     from finetune.recipe import validate
-    from finetune.train import write_resolved
-    from tests.test_export_fixtures import TINY, recipe_dict
+    from finetune.rundir import write_json
+    from finetune.train import model_meta_dict, write_resolved
 
     base_dir = tmp_path / "base-model"
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(str(base_dir))
+    LlamaForCausalLM(LlamaConfig(**tiny_llama_config)).save_pretrained(str(base_dir))
     from data_prep.assets import load_tokenizer
 
     load_tokenizer("byte").save_pretrained(str(base_dir))
@@ -275,7 +277,13 @@ def test_checkpoint_of_unfinished_run_with_path_base(tmp_path):
             if "lora_B" in n:
                 p.add_(0.1)
     write_resolved(recipe)
-    model.save_pretrained(str(tmp_path / "run" / "checkpoint-5"))
+    ck = tmp_path / "run" / "checkpoint-5"
+    model.save_pretrained(str(ck))
+    (ck / "trainer_state.json").write_text(json.dumps({"global_step": 5}))
+    with pytest.raises(ExportError, match="has no longtune_model.json"):
+        export_run(tmp_path / "run", tmp_path / "out", dtype="float32", checkpoint=True)
+    # What CheckpointMeta writes into every checkpoint during training.
+    write_json(ck / "longtune_model.json", model_meta_dict(recipe, build_config(recipe), 5))
     with pytest.raises(ExportError, match="no final/"):
         export_run(tmp_path / "run", tmp_path / "x")
     out = export_run(tmp_path / "run", tmp_path / "out", dtype="float32", checkpoint=True)
@@ -287,5 +295,5 @@ def test_checkpoint_of_unfinished_run_with_path_base(tmp_path):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(
-            merged(input_ids=IDS).logits, model(input_ids=IDS).logits, atol=ATOL, rtol=RTOL
+            merged(input_ids=prompt_ids).logits, model(input_ids=prompt_ids).logits, atol=ATOL, rtol=RTOL
         )

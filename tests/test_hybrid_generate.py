@@ -4,40 +4,11 @@ from fractions import Fraction
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StoppingCriteria
+from transformers import DynamicCache, StoppingCriteria
 
 from finetune.caches import make_cache
 from finetune.caches.hybrid import BlockSparseLayer, HybridCache
-from finetune.caches.reference import register
 from finetune.caches.sink_window import SinkWindowLayer
-
-REF = register()  # plain reference attention that honours the cache protocol
-
-
-def tiny(layouts, dtype=torch.float64, seed=0, heads=4, kv_heads=2, vocab=97):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=len(layouts), num_attention_heads=heads,
-        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=False,
-    )  # fmt: skip
-    m = LlamaForCausalLM(cfg).to(dtype).eval()
-    m.config.longtune_attention = {
-        "version": 1,
-        "backend": "auto",
-        "cross_document": False,
-        "layers": layouts,
-    }
-    m.config._attn_implementation = REF
-    return m
-
-
-def greedy(model, ids, cache, n):
-    with torch.no_grad():
-        return model.generate(
-            ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=n, min_new_tokens=n,
-            do_sample=False, pad_token_id=0,
-        )  # fmt: skip
-
 
 SW = {"pattern": "sink_window", "window": 8, "num_sink_tokens": 2}
 FULL = {"pattern": "causal"}
@@ -56,8 +27,8 @@ FULL = {"pattern": "causal"}
     ],
     ids=["sink_window", "mixed"],
 )
-def test_hybrid_generate_equals_full_cache_with_masks(layouts):
-    m = tiny(layouts)
+def test_hybrid_generate_equals_full_cache_with_masks(layouts, reference_llama, greedy):
+    m = reference_llama(layouts)
     ids = torch.randint(0, 97, (2, 40))  # prompt longer than every window
     full = greedy(m, ids, DynamicCache(), 24)
     cache = HybridCache(m.config)
@@ -80,11 +51,11 @@ def test_hybrid_generate_equals_full_cache_with_masks(layouts):
     assert not torch.allclose(a, b)
 
 
-def test_hybrid_bytes_equal_formula():
+def test_hybrid_bytes_equal_formula(reference_llama):
     L, F, W, s = 6, 2, 8, 2
     sw = {"pattern": "sink_window", "window": W, "num_sink_tokens": s}
     layouts = [sw, sw, FULL, FULL, sw, sw]
-    m = tiny(layouts, dtype=torch.float32)
+    m = reference_llama(layouts, dtype=torch.float32)
     ids = torch.randint(0, 97, (1, 30))
     steps = []
 
@@ -142,17 +113,17 @@ def test_block_sparse_keeps_what_the_pattern_can_reach():
         layer.update(torch.randn(1, 1, q, 2), torch.randn(1, 1, q, 2), torch.arange(n, n + q).unsqueeze(0))
         n += q
         # brute force: a key is needed iff some future query (any head) can see it
-        qpos = torch.arange(n, n + 40).view(1, 1, -1, 1)
-        kpos = torch.arange(n).view(1, 1, 1, -1)
+        qpos = torch.arange(n, n + 40).view(1, -1)
+        kpos = torch.arange(n).view(1, -1)
         needed = pattern_mask(entry, qpos, kpos, 2).any(dim=(0, 1, 2)).nonzero().squeeze(-1).tolist()
         assert layer.positions[0].tolist() == needed
 
 
-def test_hybrid_with_kernels_longtune_function():
+def test_hybrid_with_kernels_longtune_function(reference_llama, greedy):
     registry = pytest.importorskip("kernels.registry")
     layout_mod = pytest.importorskip("kernels.layout")
     layouts = [SW, FULL, SW]
-    m = tiny(layouts)
+    m = reference_llama(layouts)
     layout_mod.install_layout(
         m.config, {"version": 1, "backend": "auto", "cross_document": False, "layers": layouts}
     )
@@ -165,7 +136,7 @@ def test_hybrid_with_kernels_longtune_function():
     assert registry is not None
 
 
-def test_hybrid_left_padding_with_kernels():
+def test_hybrid_left_padding_with_kernels(reference_llama):
     """Left-padded batch, prompt longer than the window: pads are marked -1, a padded row's
     sinks are its first real tokens, and the block-sparse layer keeps the union of the rows'
     needs, so the compact cache stays exact."""
@@ -175,7 +146,7 @@ def test_hybrid_left_padding_with_kernels():
         FULL,
         {"pattern": "block_sparse", "block_size": 4, "local_blocks": 2, "stride": 4, "head_step": 0},
     ]
-    m = tiny(layouts)
+    m = reference_llama(layouts)
     layout_mod.install_layout(
         m.config, {"version": 1, "backend": "auto", "cross_document": False, "layers": layouts}
     )
@@ -197,9 +168,9 @@ def test_hybrid_left_padding_with_kernels():
     assert torch.equal(got[1, 30:], alone[0, 23:])
 
 
-def test_hybrid_beam_search_and_num_return_sequences():
+def test_hybrid_beam_search_and_num_return_sequences(reference_llama):
     """reorder_cache (beams) and batch_repeat_interleave (expansion) keep the cache exact."""
-    m = tiny([SW, FULL, SW])
+    m = reference_llama([SW, FULL, SW])
     ids = torch.randint(0, 97, (2, 30))
     kw = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "min_new_tokens": 8, "pad_token_id": 0}
     with torch.no_grad():
@@ -208,3 +179,9 @@ def test_hybrid_beam_search_and_num_return_sequences():
             want = m.generate(ids, cache=DynamicCache(), **kw, **extra)
             torch.manual_seed(1)
             assert torch.equal(m.generate(ids, cache=HybridCache(m.config), **kw, **extra), want)
+
+
+def test_bad_layer_spec_error_names_the_layer(reference_llama):
+    m = reference_llama([SW, {"pattern": "sink_window", "windw": 4}])
+    with pytest.raises(ValueError, match=r"config\.longtune_attention\.layers\[1\].*windw"):
+        HybridCache(m.config)

@@ -48,15 +48,13 @@ def test_importing_ours_is_cheap_and_does_not_import_transformers_pieces():
     assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
 
 
-def test_models_load_and_run_with_our_package_importable(tmp_path):
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+def test_models_load_and_run_with_our_package_importable(tmp_path, tiny_llama):
+    from transformers import AutoModelForCausalLM
     from transformers.integrations import hub_kernels
 
     assert hub_kernels.is_kernels_available() is False
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tiny_llama().save_pretrained(tmp_path)
     for impl in ("sdpa", "eager"):
         model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl)
         with torch.no_grad():
-            assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 50)
+            assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 259)

@@ -1,4 +1,4 @@
-"""Mask predicates: the hand-checkable cases of algorithms.md, causality, composition."""
+"""Mask predicates: the hand-checkable cases of docs/algorithms.md, causality, composition."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def visible(spec, n=16, heads=4, ctx=None):
     return lambda h, i, b=0: m[b, h, i].nonzero().flatten().tolist()
 
 
-# ---------------------------------------------------------------- algorithms.md section 2, exactly
+# ---------------------------------------------------------------- docs/algorithms.md section 3, exactly
 @pytest.mark.parametrize(
     "head,query,keys",
     [
@@ -36,7 +36,7 @@ def test_sf_attn_hand_cases(head, query, keys):
 
 
 def test_s2_attn_table():
-    """Section 1: h < H/2 in fixed groups, h >= H/2 in groups offset by S; no sinks."""
+    """docs/algorithms.md section 2: h < H/2 in fixed groups, h >= H/2 in groups offset by S; no sinks."""
     see = visible({"pattern": "s2_attn", "group_ratio": 0.25})
     for i in range(16):
         assert see(0, i) == [j for j in range(i + 1) if i // 4 == j // 4]
@@ -167,6 +167,14 @@ def test_roll_reproduction_mode_leaks():
     assert not m[0, 0].triu(1).any()  # unshifted heads unaffected
 
 
+def test_roll_mode_keeps_the_sinks():
+    """SF-Attn with wrap: roll = rolled groups (with their leak) OR causal sinks."""
+    see = visible({**SF, "wrap": "roll"})
+    assert see(0, 9) == [0, 1, 2, 3, 8, 9]  # unshifted: group {8, 9} plus sinks
+    assert see(3, 0) == [0, 14, 15]  # shifted query 0: the leak, and itself as a sink
+    assert see(3, 5) == [0, 1, 2, 3, 4, 5]
+
+
 def test_predicate_works_with_scalar_indices():
     """FlexAttention calls the predicate with 0-d tensors."""
     spec = resolve_spec(SF)
@@ -218,3 +226,56 @@ def test_left_padding_with_plain_arange_position_ids():
                                                position_ids=torch.arange(12).unsqueeze(0)), 4)
         want = dense_mask(spec, build_context(2, 12, 12, "cpu", attention_mask=am, position_ids=aware), 4)
         assert torch.equal(plain, want)
+
+
+# ---------------------------------------------------------------- what a cache must keep
+def test_still_visible_is_what_any_future_query_sees():
+    """Brute force over the next 40 queries and every head: a key invisible to the next query is
+    invisible to all later ones (what lets the caches evict), for every inference pattern."""
+    from kernels.masks import still_visible
+
+    rng = random.Random(1)
+    for spec in _random_specs(rng, 120):
+        n, H = rng.randint(1, 30), rng.choice([1, 2, 4, 8])
+        keys = torch.arange(n).unsqueeze(0).clone()
+        keys[0, : rng.randint(0, min(2, n - 1))] = -1  # empty slots / left padding
+        future = torch.arange(n, n + 40).unsqueeze(0)
+        ctx = build_context(1, 40, n, "cpu", position_ids=future, kv_positions=keys)
+        spec_inf = {"pattern": "causal"} if spec["pattern"] in ("s2_attn", "sf_attn") else spec
+        any_future = dense_mask(resolve_spec(spec_inf), ctx, H).any(dim=(1, 2))
+        assert torch.equal(still_visible(spec, keys, H), any_future), spec
+
+
+def test_block_sparse_strided_columns_kept_for_every_head():
+    from kernels.masks import still_visible
+
+    spec = {"pattern": "block_sparse", "block_size": 2, "local_blocks": 1, "stride": 4, "head_step": 1}
+    keys = torch.arange(16).unsqueeze(0)
+    # query 16 (block 8): local block 8 only; strided kb with (kb + 1 + h) % 4 == 0 for h in 0..1
+    want = [j for j in range(16) if any((j // 2 + 1 + h) % 4 == 0 for h in range(2))]
+    assert still_visible(spec, keys, 2)[0].nonzero().flatten().tolist() == want
+    assert still_visible(spec, keys, 4)[0].all()  # four heads cover every residue mod 4
+
+
+def test_head_index_is_an_input_global_offsets_work():
+    """A caller holding heads 2..3 of 4 passes h + 2 and the global head count: same rows as the
+    full mask's heads 2..3 (what sequence parallelism needs for head-dependent patterns)."""
+    for spec in (SF, {"pattern": "block_sparse", "block_size": 2, "local_blocks": 1, "stride": 4}):
+        ctx = build_context(1, 16, 16, "cpu")
+        full = dense_mask(resolve_spec(spec), ctx, 4)
+        f = mask_mod(spec, ctx, 4)
+        h = torch.arange(2).view(1, 2, 1, 1) + 2
+        part = f(torch.zeros(1, 1, 1, 1, dtype=torch.long), h, torch.arange(16).view(1, 1, 16, 1),
+                 torch.arange(16).view(1, 1, 1, 16))
+        assert torch.equal(part, full[:, 2:4])
+
+
+def test_and_or_masks_compose_predicates():
+    from kernels.masks import and_masks, causal, or_masks, sinks, window
+
+    ctx = build_context(1, 10, 10, "cpu")
+    b, h = torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    q, k = torch.arange(10).view(1, 1, 10, 1), torch.arange(10).view(1, 1, 1, 10)
+    m = and_masks(causal(ctx), or_masks(sinks(ctx, 2), window(ctx, 3)))(b, h, q, k)[0, 0]
+    want = torch.tensor([[j <= i and (j < 2 or i - j < 3) for j in range(10)] for i in range(10)])
+    assert torch.equal(m, want)

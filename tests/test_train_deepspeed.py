@@ -3,6 +3,7 @@
 Slow by nature (each launch ~20-40 s on 2 cores), so the runs are shared by module fixtures.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -43,13 +44,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def recipe_file(tmp: Path, run: str, stage: int, **training) -> Path:
-    from tests.conftest import TINY_LLAMA
+@pytest.fixture(scope="module")
+def recipe_file(tiny_config):
+    """``recipe_file(tmp, run, stage, **training)``: a tiny 2-rank DeepSpeed recipe file."""
+    return functools.partial(_recipe_file, tiny_config())
 
+
+def _recipe_file(model_config: dict, tmp: Path, run: str, stage: int, **training) -> Path:
     r = {
         "name": f"ds-test-{run}",
         "run_dir": str(tmp / run),
-        "model": {"config": TINY_LLAMA, "tokenizer": "byte"},
+        "model": {"config": model_config, "tokenizer": "byte"},
         "rope": {"type": "linear", "target_length": 256},
         "attention": {"pattern": "sf_attn", "group_ratio": 0.25, "num_sink_tokens": 4},
         "lora": {"r": 4, "alpha": 8},
@@ -92,7 +97,7 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def zero2_run(tmp_path_factory):
+def zero2_run(tmp_path_factory, recipe_file):
     tmp = tmp_path_factory.mktemp("z2")
     launch(recipe_file(tmp, "full", 2))
     return tmp
@@ -112,23 +117,36 @@ def test_zero2_two_ranks_loss_falls_and_kernel_ran(zero2_run):
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
 
 
-def test_resume_matches_uninterrupted(zero2_run, tmp_path):
+def test_resume_matches_uninterrupted(zero2_run, tmp_path, recipe_file):
     # Stopped after its first checkpoint (max_steps=4), then restarted with the full length.
     first = recipe_file(zero2_run, "resumed", 2, max_steps=4)
     launch(first)
     assert (zero2_run / "resumed" / "checkpoint-4").is_dir()
+    # Then killed while saving a later checkpoint: its folder exists without trainer_state.json.
+    run = zero2_run / "resumed"
+    torn = run / "checkpoint-6"
+    torn.mkdir()
+    (torn / "adapter_config.json").write_text("{}")
+    # Finished at 4 steps; max_steps grown to 8: not "already finished", it trains on.
     second = recipe_file(zero2_run, "resumed", 2, max_steps=8)
     out = launch(second)
-    assert "resuming from" in out.stdout + out.stderr
-    a, b = adapter(zero2_run / "full"), adapter(zero2_run / "resumed")
+    text = out.stdout + out.stderr
+    assert "already finished" not in text
+    assert f"skipping incomplete checkpoint {torn}" in text and f"resuming from {run / 'checkpoint-4'}" in text
+    a, b = adapter(zero2_run / "full"), adapter(run)
     assert a.keys() == b.keys()
     for k in a:
         diff = (a[k] - b[k]).abs().max().item()
         # One optimizer step at lr 5e-3 moves weights by ~1e-3: 1e-5 separates "same run" from "resumed wrong".
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{k}: max abs diff {diff}")
+    # train_loss covers steps 1..8, not only the 4 after the resume (what the Trainer reports).
+    ref = json.loads((zero2_run / "full" / "run.json").read_text())["train_loss"]
+    got = json.loads((run / "run.json").read_text())["train_loss"]
+    after_resume = sum(losses(run)[4:8]) / 4
+    assert got == pytest.approx(ref, rel=1e-3) and abs(got - after_resume) > 0.01, (got, ref, after_resume)
 
 
-def test_zero3_saves_real_gathered_weights(tmp_path):
+def test_zero3_saves_real_gathered_weights(tmp_path, recipe_file):
     recipe = recipe_file(tmp_path, "z3", 3, max_steps=4)
     launch(recipe)
     run = tmp_path / "z3"
@@ -154,6 +172,17 @@ def test_zero3_saves_real_gathered_weights(tmp_path):
     assert torch.isfinite(model(ids).logits).all()
 
 
+def test_rerun_of_a_finished_run_is_a_no_op(zero2_run):
+    run = zero2_run / "full"
+    files = [run / "final" / "longtune_model.json", run / "final" / "adapter_model.safetensors", run / "run.json"]
+    before = [f.stat().st_mtime_ns for f in files]
+    ckpts = sorted(p.name for p in run.glob("checkpoint-*"))
+    out = launch(zero2_run / "full.yaml")
+    assert "already finished at step 8" in out.stdout
+    assert [f.stat().st_mtime_ns for f in files] == before
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ckpts
+
+
 def test_run_dir_of_another_recipe_is_refused(zero2_run):
     other = yaml.safe_load((zero2_run / "full.yaml").read_text())
     other["lora"]["r"] = 16
@@ -169,5 +198,10 @@ def test_run_dir_of_another_recipe_is_refused(zero2_run):
     same = yaml.safe_load((zero2_run / "full.yaml").read_text())
     same["training"]["max_steps"] = 100
     check_run_dir(validate(same))
+    (zero2_run / "full" / "export").mkdir()
+    (zero2_run / "full" / "export" / "longtune_export.json").write_text("{}")
+    (zero2_run / "full" / "eval").mkdir()
     check_run_dir(other_recipe, overwrite=True)
     assert not list((zero2_run / "full").glob("checkpoint-*"))
+    for gone in ("final", "export", "eval", "run.json", "logs"):
+        assert not (zero2_run / "full" / gone).exists(), gone

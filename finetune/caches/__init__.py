@@ -14,13 +14,14 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from finetune.recipe import KVCacheSection
+from kernels.layout import inference_layout, install_layout, is_hybrid, sparse_layer_indices
 
 from .base import FullLayer, PositionedCache
 from .config import VERSION, KVConfigError, config_value, validate
 from .h2o import H2OCache, H2OLayer
 from .h2o_attention import NAME as H2O_ATTENTION
 from .h2o_attention import register as register_h2o_attention
-from .hybrid import SPARSE_PATTERNS, BlockSparseLayer, HybridCache, is_hybrid_layout, layout_of
+from .hybrid import BlockSparseLayer, HybridCache, layout_of
 from .sink_window import SinkWindowCache, SinkWindowLayer
 
 __all__ = [
@@ -48,9 +49,7 @@ def chosen_layers(kv: dict, model_config) -> list[int]:
     if kv["layers"] == "all":
         return list(range(n))
     if kv["layers"] == "sparse":
-        return [
-            i for i, e in enumerate(layout_of(model_config)["layers"]) if e.get("pattern") in SPARSE_PATTERNS
-        ]
+        return sparse_layer_indices(layout_of(model_config))
     return sorted(set(kv["layers"]))
 
 
@@ -61,8 +60,6 @@ def _ensure_longtune_attention(model, need_layout: bool) -> None:
     config = model.config
     if config_value(config, "_attn_implementation") in ("longtune", H2O_ATTENTION) and layout_of(config) is not None:
         return
-    from kernels.layout import inference_layout, install_layout
-
     layout = layout_of(config)
     if layout is None:
         if need_layout:
@@ -95,7 +92,7 @@ def make_cache(model, kv_config: dict | KVCacheSection | None = None) -> Cache:
         model.generation_config.use_cache = True
     m = kv["method"]
     if m == "full":
-        if is_hybrid_layout(layout_of(config)):  # the sparse layers are the architecture
+        if is_hybrid(layout_of(config)):  # the sparse layers are the architecture
             _ensure_longtune_attention(model, need_layout=True)
         return DynamicCache(config=config)
     _ensure_longtune_attention(model, need_layout=(m == "hybrid"))

@@ -179,7 +179,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     from finetune.caches import make_cache
-    from finetune.caches.hybrid import is_hybrid_layout, layout_of
+    from finetune.caches.hybrid import layout_of
+    from kernels.layout import is_hybrid, sparse_layer_indices
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,9 +191,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
         cfg = model.config
         L, vocab = cfg.num_hidden_layers, cfg.vocab_size
         own = layout_of(cfg)
-        hybrid_model = is_hybrid_layout(own)
-        full_idx = [i for i, e in enumerate(own["layers"]) if e.get("pattern") not in ("sink_window", "block_sparse")] \
-            if hybrid_model else list(range(L))  # fmt: skip
+        hybrid_model = is_hybrid(own)
+        full_idx = [i for i in range(L) if i not in set(sparse_layer_indices(own))]
         base_layout = own if hybrid_model else causal_layout(L)
         if not hybrid_model and "hybrid" in methods:
             methods.remove("hybrid")

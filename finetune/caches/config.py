@@ -24,6 +24,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from finetune.recipe import KVCacheSection
+from kernels.layout import is_hybrid, sparse_layer_indices
+from kernels.masks import resolve_spec
 
 VERSION = 2
 #: versions this longtune reads (1: before `positions`)
@@ -32,7 +34,6 @@ FILE = "kv_cache_config.json"
 #: Keys export derives from the model and writes for information; recomputed when the model
 #: config is known, passed through otherwise.
 DERIVED_KEYS = ("attn_implementation", "full_layers", "num_layers")
-SPARSE_PATTERNS = ("sink_window", "block_sparse")
 #: H2O budget when neither tokens nor ratios are given (the reference's 10% heavy + 10% recent)
 DEFAULT_RATIO = 0.1
 
@@ -51,16 +52,12 @@ def _layout(model_config) -> dict | None:
     return config_value(model_config, "longtune_attention")
 
 
-def is_hybrid(layout: dict | None) -> bool:
-    """A LongGen layout: some layer stays sparse at inference."""
-    return bool(layout) and any(e.get("pattern") in SPARSE_PATTERNS for e in layout.get("layers", []))
-
-
 def full_layers(layout: dict | None) -> list[int] | None:
     """LongGen: the layers that keep full attention (None for a non-hybrid model)."""
     if not is_hybrid(layout):
         return None
-    return [i for i, e in enumerate(layout["layers"]) if e.get("pattern") not in SPARSE_PATTERNS]
+    sparse = set(sparse_layer_indices(layout))
+    return [i for i in range(len(layout["layers"])) if i not in sparse]
 
 
 def validate(kv, model_config=None, where: str = "kv_cache") -> dict[str, Any]:
@@ -126,7 +123,8 @@ def validate(kv, model_config=None, where: str = "kv_cache") -> dict[str, Any]:
                 "use full attention at inference. Use method 'full', 'sink' or 'h2o'.",
             )
         # the hybrid cache keeps what each sparse layer can see: record the layers' window
-        windows = {(e["window"], e.get("num_sink_tokens", 0)) for e in layout["layers"] if e.get("pattern") == "sink_window"}
+        specs = [resolve_spec(layout["layers"][i]) for i in sparse_layer_indices(layout)]
+        windows = {(e["window"], e["num_sink_tokens"]) for e in specs if e["pattern"] == "sink_window"}
         if len(windows) == 1:
             win, sinks = windows.pop()
             if out["window"] not in (None, win):
@@ -135,7 +133,7 @@ def validate(kv, model_config=None, where: str = "kv_cache") -> dict[str, Any]:
         out["layers"] = "sparse"
     if m == "sink" and out["positions"] == "cache" and layout is not None:
         chosen = range(n) if out["layers"] == "all" else [i for i in out["layers"] if isinstance(i, int)]
-        if out["layers"] == "sparse" or any(layout["layers"][i].get("pattern") in SPARSE_PATTERNS for i in chosen):
+        if out["layers"] == "sparse" or set(chosen) & set(sparse_layer_indices(layout)):
             raise err(
                 "positions",
                 "'cache' needs layers with full (causal) attention: a sparse layer's pattern is defined on "

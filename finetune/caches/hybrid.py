@@ -21,24 +21,19 @@ from __future__ import annotations
 
 import torch
 
+from kernels.layout import is_hybrid
+from kernels.masks import inference_spec, resolve_spec, still_visible
+from kernels.patterns import FULL
+
 from .base import CompactLayer, FullLayer, PositionedCache
 from .sink_window import SinkWindowLayer
 
-FULL_PATTERNS = ("causal", "s2_attn", "sf_attn")
-SPARSE_PATTERNS = ("sink_window", "block_sparse")
-
-
-def strided_residues(stride: int, num_heads: int, head_step: int | None) -> set[int]:
-    """Key-block residues kb % stride that some head keeps as a strided column:
-    (kb + 1 + h * head_step) % stride == 0 for some h."""
-    step = max(1, stride // num_heads) if head_step is None else head_step
-    return {(-1 - h * step) % stride for h in range(num_heads)}
-
 
 class BlockSparseLayer(CompactLayer):
-    """Keeps key j (block kb = j // block_size) while some future query can see it:
-    kb > qb_next - local_blocks (local), or kb is a strided column of *some* query head.
-    Rows of a batch keep the union of their needs (they differ only under left padding).
+    """Keeps key j while some future query can see it in some head (kernels.masks.still_visible
+    on the layer's block_sparse spec): the local blocks of the next query plus the strided
+    columns of all heads. Rows of a batch keep the union of their needs (they differ only
+    under left padding).
 
     The strided columns differ per head; the cache keeps their union over heads (one set of
     positions for every KV head), so when the heads' columns cover every residue mod stride
@@ -48,23 +43,21 @@ class BlockSparseLayer(CompactLayer):
 
     def __init__(self, block_size: int, local_blocks: int, stride: int, num_heads: int, head_step=None, **kw):
         super().__init__()
-        self.block_size, self.local_blocks, self.stride = int(block_size), int(local_blocks), int(stride)
-        self.residues = strided_residues(self.stride, num_heads, head_step)
-        self.keeps_all = len(self.residues) == self.stride
-        self._residue_mask = torch.zeros(self.stride, dtype=torch.bool)
-        self._residue_mask[list(self.residues)] = True
+        self.spec = resolve_spec({"pattern": "block_sparse", "block_size": int(block_size), "head_step": head_step,
+                                  "local_blocks": int(local_blocks), "stride": int(stride)})
+        self.num_heads = int(num_heads)
+        # Beyond the local blocks, whether a key block is visible repeats with period `stride`:
+        # one period of key blocks seen from a query past its local blocks decides.
+        period = torch.arange(self.spec["stride"] * self.spec["block_size"]).unsqueeze(0)
+        past = (self.spec["stride"] + self.spec["local_blocks"]) * self.spec["block_size"]
+        self.keeps_all = bool(still_visible(self.spec, period, self.num_heads, past).all())
 
     def update(self, key_states, value_states, positions, *args, **kwargs):
         keys, values, pos = super().update(key_states, value_states, positions)
         if self.keeps_all:
             return keys, values, pos
-        # per row (positions differ under left padding): is the key reachable by a future query?
         # The kept slots are the union over rows, so storage stays rectangular.
-        pos = self.positions
-        kb = pos.clamp_min(0) // self.block_size
-        next_qb = (pos.amax(dim=-1, keepdim=True) + 1) // self.block_size
-        needed = (kb > next_qb - self.local_blocks) | self._residue_mask.to(kb.device)[kb % self.stride]
-        keep = (needed & (pos >= 0)).any(dim=0)
+        keep = still_visible(self.spec, self.positions, self.num_heads).any(dim=0)
         if not bool(keep.all()):
             idx = keep.nonzero().squeeze(-1)
             self.keys = self.keys.index_select(-2, idx)
@@ -73,20 +66,16 @@ class BlockSparseLayer(CompactLayer):
         return keys, values, pos
 
 
-def layer_for(entry: dict, num_heads: int):
-    """Cache layer for one entry of `config.longtune_attention["layers"]`."""
-    pattern = entry.get("pattern", "causal")
-    if pattern in FULL_PATTERNS:
+def layer_for(entry: dict, num_heads: int, where: str = "config.longtune_attention.layers[]"):
+    """Cache layer for one entry of `config.longtune_attention["layers"]` (defaults and errors
+    naming `where`: kernels.masks.resolve_spec)."""
+    spec = inference_spec(resolve_spec({"pattern": "causal", **entry}, where))
+    if spec["pattern"] in FULL:
         return FullLayer()
-    if pattern == "sink_window":
-        return SinkWindowLayer(entry["window"], entry.get("num_sink_tokens", 0))
-    if pattern == "block_sparse":
-        return BlockSparseLayer(
-            entry["block_size"], entry["local_blocks"], entry["stride"], num_heads, entry.get("head_step")
-        )
-    raise ValueError(
-        f"longtune_attention: unknown pattern '{pattern}' (valid: {FULL_PATTERNS + SPARSE_PATTERNS})"
-    )
+    if spec["pattern"] == "sink_window":
+        return SinkWindowLayer(spec["window"], spec["num_sink_tokens"])
+    return BlockSparseLayer(spec["block_size"], spec["local_blocks"], spec["stride"], num_heads,
+                            spec["head_step"])
 
 
 def layout_of(config) -> dict | None:
@@ -96,16 +85,12 @@ def layout_of(config) -> dict | None:
     return layout
 
 
-def is_hybrid_layout(layout: dict | None) -> bool:
-    return bool(layout) and any(e.get("pattern") in SPARSE_PATTERNS for e in layout.get("layers", []))
-
-
 class HybridCache(PositionedCache):
     """`method: hybrid`: per-layer cache following the model's LongGen layout."""
 
     def __init__(self, config):
         layout = layout_of(config)
-        if not is_hybrid_layout(layout):
+        if not is_hybrid(layout):
             raise ValueError(
                 "HybridCache needs a LongGen hybrid layout: config.longtune_attention with at least one "
                 "sink_window or block_sparse layer (build one from the recipe's `hybrid` section)"
@@ -115,5 +100,6 @@ class HybridCache(PositionedCache):
             raise ValueError(
                 f"config.longtune_attention has {len(entries)} layers, the model {config.num_hidden_layers}"
             )
-        super().__init__([layer_for(e, config.num_attention_heads) for e in entries])
+        heads = config.num_attention_heads
+        super().__init__([layer_for(e, heads, f"config.longtune_attention.layers[{i}]") for i, e in enumerate(entries)])
         self.patterns = [e.get("pattern", "causal") for e in entries]

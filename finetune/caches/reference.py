@@ -15,24 +15,21 @@ from __future__ import annotations
 
 import torch
 
+from kernels.masks import build_context, dense_mask, head_positions_mask, inference_spec
+
 from .base import HEAD_POSITIONS_KEY, OBSERVER_KEY, POSITIONS_KEY
 
 
 def pattern_mask(entry: dict, qpos: torch.Tensor, kpos: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Boolean (b, H, q, k): causality & the layer's static pattern.
-    qpos (b, 1, q, 1); kpos (b, 1 or H, 1, k)."""
-    allow = kpos <= qpos
-    pattern = entry.get("pattern", "causal")
-    if pattern == "sink_window":
-        allow = allow & ((kpos < entry.get("num_sink_tokens", 0)) | (qpos - kpos < entry["window"]))
-    elif pattern == "block_sparse":
-        bs, lb, stride = entry["block_size"], entry["local_blocks"], entry["stride"]
-        step = entry.get("head_step")
-        step = max(1, stride // num_heads) if step is None else step
-        h = torch.arange(num_heads, device=qpos.device).view(1, num_heads, 1, 1)
-        qb, kb = qpos // bs, kpos // bs
-        allow = allow & ((qb - kb < lb) | ((kb + 1 + h * step) % stride == 0))
-    return allow.expand(allow.shape[0], num_heads, allow.shape[2], allow.shape[3])
+    """Boolean (b, H, q, k): what a query at ``qpos`` (b, q) sees of keys at ``kpos`` (b, k) or,
+    per KV head, (b, Hkv, k) in this layer at inference; -1 marks an empty slot / left padding.
+    The mask definition of kernels/masks.py (training-only patterns run causal)."""
+    b, q = qpos.shape
+    spec = inference_spec(entry)
+    if kpos.dim() == 3:
+        return head_positions_mask(spec, b, q, kpos, num_heads, position_ids=qpos)
+    ctx = build_context(b, q, kpos.shape[-1], qpos.device, position_ids=qpos, kv_positions=kpos)
+    return dense_mask(spec, ctx, num_heads).expand(b, num_heads, q, kpos.shape[-1])
 
 
 def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -47,14 +44,14 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
     pos_ids = kwargs.get("position_ids")
     if pos_ids is None:
         pos_ids = torch.arange(k - q, k, device=query.device).unsqueeze(0)
-    qpos = pos_ids.to(query.device).expand(b, q).view(b, 1, q, 1)
+    qpos = pos_ids.to(query.device).expand(b, q)
     if kwargs.get(HEAD_POSITIONS_KEY) is not None:
-        kpos = kwargs[HEAD_POSITIONS_KEY].repeat_interleave(groups, dim=1).unsqueeze(2)  # (b, H, 1, k)
+        kpos = kwargs[HEAD_POSITIONS_KEY]  # (b, Hkv, k)
     elif kwargs.get(POSITIONS_KEY) is not None:
-        kpos = kwargs[POSITIONS_KEY].expand(b, k).view(b, 1, 1, k)
+        kpos = kwargs[POSITIONS_KEY].expand(b, k)
     else:
-        kpos = torch.arange(k, device=query.device).view(1, 1, 1, k).expand(b, 1, 1, k)
-    allow = pattern_mask(entry, qpos, kpos, H) & (kpos >= 0)  # -1: empty slot / left padding
+        kpos = torch.arange(k, device=query.device).expand(b, k)
+    allow = pattern_mask(entry, qpos, kpos.to(query.device), H)
 
     kf = key.repeat_interleave(groups, dim=1)
     vf = value.repeat_interleave(groups, dim=1)

@@ -36,16 +36,16 @@ def default_kv_config(method: str, length: int, export_config: dict | None = Non
     if method == "h2o":
         over.update(heavy_ratio=0.1, recent_ratio=0.1)
     elif method == "sink":
-        over.update(window=max(1, length // 5), num_sink_tokens=4)
+        over.update(window=max(1, length // 5))
     return KVCacheSection(**over).model_dump(mode="json")
 
 
 def applicable_methods(model) -> dict[str, str | None]:
     """method -> None when applicable, else the reason it is not."""
-    layout = getattr(model.config, "longtune_attention", None) or {}
-    sparse = any(e.get("pattern") in ("sink_window", "block_sparse") for e in layout.get("layers", []))
+    from kernels.layout import is_hybrid
+
     out: dict[str, str | None] = dict.fromkeys(METHODS)
-    if not sparse:
+    if not is_hybrid(getattr(model.config, "longtune_attention", None)):
         out["hybrid"] = "the model has no LongGen sparse layers (config.longtune_attention)"
     return out
 

@@ -1,4 +1,4 @@
-"""Perplexity vs context length, the two protocols of algorithms.md section 7.
+"""Perplexity vs context length, the two protocols of docs/algorithms.md section 9.
 
 Both functions take a model (anything whose ``model(input_ids=...)`` returns ``.logits``, or a
 Hugging Face causal LM) and a 1-D LongTensor of token ids, and return
@@ -72,10 +72,8 @@ def _forward_kwargs(model) -> dict:
 
 
 def _is_hf(model) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return False
+    from transformers import PreTrainedModel
+
     return isinstance(model, PreTrainedModel)
 
 

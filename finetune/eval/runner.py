@@ -81,14 +81,7 @@ def _model_info(model, source: str, loader: str) -> dict:
 
 def _load_longtune(path: Path) -> tuple[Any, Any, dict]:
     """An export dir / final/ via finetune.loading (layout + KV config restored)."""
-    try:
-        from finetune.loading import load_model, load_tokenizer
-    except ImportError as e:  # the loader is not importable: a plain checkpoint still evaluates
-        if not (path / "config.json").is_file():
-            raise
-        model, tok, info = _load_plain(str(path))
-        info["loader"] += f" (finetune.loading unavailable: {e})"
-        return model, tok, info
+    from finetune.loading import load_model, load_tokenizer
 
     # Full KV cache for perplexity/passkey/needle/sinks: the model's own ability (for a LongGen hybrid
     # model this is exact: its sparse layers are masked by position either way); the compressed
@@ -114,13 +107,9 @@ def _load_plain(ref: str) -> tuple[Any, Any, dict]:
     """A Hugging Face checkpoint (hub id, directory or bundled alias), its own config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = ref
-    try:
-        from data_prep.assets import resolve_model
+    from data_prep.assets import resolve_model
 
-        path = resolve_model(ref)
-    except ImportError:
-        pass
+    path = resolve_model(ref)
     dtype = torch.float32 if _device() == "cpu" else "auto"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(_device()).eval()
     try:
@@ -144,6 +133,11 @@ def tuned_path(run_dir: Path, recipe) -> Path:
     cands.append(run_dir / "final")
     for c in cands:
         if (c / "config.json").is_file() or (c / "longtune_model.json").is_file():
+            from finetune.rundir import export_staleness, stale_message
+
+            stale = export_staleness(c, run_dir)  # None for final/ (no longtune_export.json)
+            if stale:
+                raise EvalError(stale_message(stale, run_dir))
             return c
     raise EvalError(
         f"{run_dir} has no exported model (export/config.json) and no trained final/ "
@@ -254,11 +248,9 @@ def _write_atomic_dir(files: dict[str, bytes | Path], out_dir: Path) -> None:
 
 
 def _refresh_card(run_dir: Path, export_dir: Path) -> str | None:
-    """`finetune.export.card.refresh_card(run_dir, export_dir)` when it exists (else quietly None)."""
-    try:
-        from finetune.export.card import refresh_card
-    except ImportError:
-        return None
+    """`finetune.export.card.refresh_card(run_dir, export_dir)`; a failure is reported, not raised."""
+    from finetune.export.card import refresh_card
+
     try:
         path = refresh_card(run_dir, export_dir)
     except Exception as e:  # noqa: BLE001 - the eval results stand; say what failed
@@ -408,10 +400,6 @@ class _Skip(Exception):
 
 
 def _kv(model, tok, ids, cfg, spec, progress) -> dict:
-    try:
-        import finetune.caches  # noqa: F401
-    except ImportError as e:
-        raise _Skip(f"finetune.caches is not importable: {e}") from None
     if ids is None:
         ids = token_stream(tok, [" ".join(needle_suite.SYNTHETIC * 400)])
     export_cfg = None

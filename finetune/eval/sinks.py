@@ -28,6 +28,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from kernels.masks import build_context, dense_mask, inference_spec
+
 PROBE_NAME = "longtune_sink_probe"
 QUERY_CHUNK = 512
 
@@ -81,24 +83,12 @@ def sink_stats_from_attentions(
 def allowed_mask(
     layer_cfg: dict | None, q_pos: torch.Tensor, k_pos: torch.Tensor, num_heads: int
 ) -> torch.Tensor:
-    """Bool ``(heads or 1, Q, K)``: key visible from query in this layer at evaluation time."""
-    i = q_pos.view(-1, 1)
-    j = k_pos.view(1, -1)
-    allow = (j <= i).unsqueeze(0)
-    pattern = (layer_cfg or {}).get("pattern", "causal")
-    if pattern == "sink_window":
-        allow = allow & ((j < layer_cfg.get("num_sink_tokens", 0)) | (i - j < layer_cfg["window"])).unsqueeze(
-            0
-        )
-    elif pattern == "block_sparse":
-        B, local, stride = layer_cfg["block_size"], layer_cfg["local_blocks"], layer_cfg["stride"]
-        step = layer_cfg.get("head_step")
-        step = max(1, stride // num_heads) if step is None else step
-        qb, kb = i // B, j // B
-        heads = torch.arange(num_heads).view(-1, 1, 1)
-        strided = (kb.unsqueeze(0) + 1 + heads * step) % stride == 0
-        allow = allow & (((qb - kb) < local).unsqueeze(0) | strided)
-    return allow
+    """Bool ``(heads or 1, Q, K)``: key visible from query in this layer at evaluation time
+    (kernels/masks.py's definition; training-only patterns are causal at evaluation)."""
+    spec = inference_spec(layer_cfg or {"pattern": "causal"})
+    ctx = build_context(1, q_pos.numel(), k_pos.numel(), q_pos.device, position_ids=q_pos.view(1, -1),
+                        kv_positions=k_pos.view(1, -1))
+    return dense_mask(spec, ctx, num_heads)[0]
 
 
 def first_key_probs(

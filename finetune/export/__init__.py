@@ -14,9 +14,10 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
+
+from finetune import rundir
 
 
 class ExportError(RuntimeError):
@@ -35,13 +36,54 @@ AUTO_MAP = {
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 
 
-def _read_recipe(run_dir: Path):
-    path = run_dir / "recipe.yaml"
+def _read_recipe(run_dir: Path, overrides: list[str] | None = None):
+    """The run's recipe.yaml with `export.*` overrides (the rest is what the run trained with)."""
+    path = rundir.recipe_file(run_dir)
     if not path.is_file():
+        if overrides:
+            raise ExportError(f"{run_dir} has no recipe.yaml to apply {' '.join(overrides)} to")
         return None
-    from finetune.recipe import load_recipe
+    from finetune.recipe import load_recipe, parse_override
 
-    return load_recipe(path)
+    for o in overrides or []:
+        if parse_override(o)[0][0] != "export":
+            raise ExportError(
+                f"override '{o}': export takes only export.* overrides (the rest of the recipe is what the "
+                "run was trained with)"
+            )
+    return load_recipe(path, overrides)
+
+
+def check_output(out: Path, run_dir: Path, force: bool) -> None:
+    """Export never deletes what it did not create.
+
+    Refused: the run directory itself, a folder inside it other than export/, a folder that
+    contains the run, a file, and a non-empty folder without longtune_export.json (the mark
+    of a folder export wrote). An export of ours is replaced only with `force`."""
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ExportError(f"--output {out}: {parent} is a file, not a folder")
+    o, r = out.resolve(), run_dir.resolve()
+    if o == r:
+        raise ExportError(
+            f"--output {out} is the run directory itself; export writes a folder of its own "
+            f"(default {rundir.default_export_dir(run_dir)})"
+        )
+    if r in o.parents and o != rundir.default_export_dir(r):
+        raise ExportError(
+            f"--output {out} is inside the run directory {run_dir}; the only export folder there is "
+            f"{rundir.default_export_dir(run_dir)}"
+        )
+    if o in r.parents:
+        raise ExportError(f"--output {out} contains the run directory {run_dir}; choose a folder of its own")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / rundir.EXPORT_INFO).is_file():
+            raise ExportError(
+                f"--output {out} is a non-empty folder that `longtune export` did not write (no "
+                f"{rundir.EXPORT_INFO}); refusing to replace it, even with --force. Choose a new or empty folder"
+            )
+        if not force:
+            raise ExportError(f"{out} already exists; pass --force to replace it")
 
 
 def _tokenizer(run, recipe):
@@ -84,6 +126,8 @@ def _export_info(run, recipe, dtype: str, kv: dict) -> dict[str, Any]:
         "rope": run.meta.get("model_config", {}).get("longtune_rope"),
         "kv_cache_method": kv.get("method"),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # Which folder was merged and its identity: push and eval refuse a stale export.
+        **rundir.source_record(run.run_dir, run.source),
     }
     if recipe is not None:
         info["name"] = recipe.name
@@ -123,24 +167,6 @@ def _readable(d: Path) -> None:
             os.chmod(f, 0o666 & ~mask)
 
 
-def _swap_in(tmp: Path, out: Path, force: bool) -> None:
-    """Atomic replace: `tmp` becomes `out`; an old `out` is removed only after the rename."""
-    old = None
-    if out.exists():
-        if not force:
-            raise ExportError(f"{out} already exists; pass --force to replace it")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_run(
     run_dir,
     output_dir=None,
@@ -148,13 +174,16 @@ def export_run(
     dtype: str | None = None,
     checkpoint: bool | str | Path = False,
     max_shard_size: str | None = None,
+    overrides: list[str] | None = None,
 ) -> Path:
     """Merge the run's adapter into its base and write a self-contained checkpoint.
 
     `output_dir`: default the recipe's `export.output_dir`, else `<run_dir>/export`.
     `dtype`: float32 / bfloat16 / float16; default the recipe's `export.dtype` (bfloat16).
     `checkpoint`: export the newest `checkpoint-N/` (True) or the given one, not `final/`.
-    An existing output is replaced only with `force`; a failure leaves it untouched.
+    `overrides`: `export.key=value` applied to the run's recipe.yaml.
+    An existing output is replaced only with `force`, and only when export wrote it
+    (`check_output`); a failure leaves it untouched.
     """
     import torch
 
@@ -162,15 +191,15 @@ def export_run(
     from finetune.export import card
     from finetune.export.merge import load_merged
 
-    run_dir = Path(run_dir)
-    if (run_dir / "longtune_model.json").is_file():  # given final/ itself
-        run_dir = run_dir.parent
-    recipe = _read_recipe(run_dir)
+    run_dir = rundir.run_of(run_dir)  # given final/ itself: its run
+    if not run_dir.is_dir():
+        raise ExportError(f"{run_dir} is not a directory")
+    recipe = _read_recipe(run_dir, overrides)
     if output_dir is None:
-        output_dir = recipe.export.output_dir if recipe and recipe.export.output_dir else run_dir / "export"
+        output_dir = recipe.export.output_dir if recipe and recipe.export.output_dir else rundir.default_export_dir(run_dir)
     out = Path(output_dir)
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
+    check_output(out, run_dir, force)
+    rundir.clean_leftovers(out)  # hidden .<name>.tmp-* / .old-* a killed export left
     dtype = dtype or (recipe.export.dtype if recipe else "bfloat16")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
@@ -183,25 +212,22 @@ def export_run(
         checkpoint = newest_checkpoint(run_dir)
     meta = run_meta(run_dir, Path(checkpoint) if checkpoint else None)
     run_config = config_from_dict(meta["model_config"])
+    from kernels.layout import inference_layout, is_hybrid
+
     layout = getattr(run_config, "longtune_attention", None)
     inf_layout = None
     if layout is not None:
-        from kernels.layout import inference_layout
-
         inf_layout = inference_layout(layout)
         run_config.longtune_attention = inf_layout
     kv_section = recipe.export.kv_cache if recipe else {"method": "full"}
     kv = kv_config.build(kv_section, run_config)
-    hybrid = kv_config.is_hybrid(inf_layout)
+    hybrid = is_hybrid(inf_layout)
 
     run = load_merged(run_dir, checkpoint=checkpoint, dtype=torch.float32)
     model = run.model
     tokenizer = _tokenizer(run, recipe)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+    with rundir.atomic_dir(out) as tmp:
         model.to(getattr(torch, dtype))
         cfg = model.config
         if inf_layout is not None:
@@ -226,21 +252,18 @@ def export_run(
         shutil.copyfile(HERE / "custom_generate.py", tmp / "custom_generate" / "generate.py")
         kv_config.write(tmp, kv)
         info = _export_info(run, recipe, dtype, kv)
-        (tmp / card.INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        eval_dir = run_dir / "eval"
+        (tmp / rundir.EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        eval_dir = rundir.eval_dir(run_dir)
         card.write_card(tmp, eval_dir if eval_dir.is_dir() else None)
         _check_written(tmp)
         _readable(tmp)
-        _swap_in(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="longtune export", description="Merge and export a training run")
     ap.add_argument("run_dir", help="run directory (holds final/ and recipe.yaml)")
+    ap.add_argument("overrides", nargs="*", help="export.key=value overrides of the run's recipe")
     ap.add_argument("--output", "-o", help="output directory (default: <run_dir>/export)")
     ap.add_argument("--force", action="store_true", help="replace an existing export")
     ap.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the recipe's export.dtype)")
@@ -248,11 +271,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="export the newest checkpoint-N/ (or DIR) instead of final/; ZeRO-3 "
                          "partitions are consolidated with deepspeed's zero_to_fp32")  # fmt: skip
     ap.add_argument("--max-shard-size", help="safetensors shard size (default: the recipe's, 2GB)")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # overrides before or after the flags
     try:
         out = export_run(a.run_dir, a.output, force=a.force, dtype=a.dtype, checkpoint=a.checkpoint,
-                         max_shard_size=a.max_shard_size)  # fmt: skip
+                         max_shard_size=a.max_shard_size, overrides=a.overrides)  # fmt: skip
     except (ExportError, ValueError, FileNotFoundError) as e:
+        from finetune.cli import debug
+
+        if debug():
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {out}")

@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
+from kernels.patterns import TRAINING_ONLY
+
 INFO_FILE = "longtune_export.json"
-TRAINING_ONLY = ("sf_attn", "s2_attn")
 PATTERN_NAMES = {
     "causal": "full causal attention",
     "sf_attn": "SF-Attn (SinkLoRA: shifted groups with segmentation/reassembly + sink tokens)",

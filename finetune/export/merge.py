@@ -39,6 +39,7 @@ PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
 
 
 from finetune.export import ExportError
+from finetune.rundir import FINAL, MODEL_META, complete_checkpoints, resume_point
 
 
 @dataclass
@@ -57,19 +58,19 @@ class MergedRun:
 def find_final(path: str | Path) -> Path:
     """A run directory or its `final/` -> the `final/` directory."""
     p = Path(path)
-    if (p / "longtune_model.json").is_file():
+    if (p / MODEL_META).is_file():
         return p
-    if (p / "final" / "longtune_model.json").is_file():
-        return p / "final"
-    if (p / "final").is_dir():
-        raise ExportError(f"{p / 'final'} has no longtune_model.json; was it written by `longtune train`?")
+    if (p / FINAL / MODEL_META).is_file():
+        return p / FINAL
+    if (p / FINAL).is_dir():
+        raise ExportError(f"{p / FINAL} has no {MODEL_META}; was it written by `longtune train`?")
     raise ExportError(
         f"{p} is not a run directory: no final/ (train has not finished; export a checkpoint with --checkpoint)"
     )
 
 
 def read_meta(final: Path) -> dict[str, Any]:
-    path = final / "longtune_model.json"
+    path = final / MODEL_META
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
@@ -83,38 +84,28 @@ def read_meta(final: Path) -> dict[str, Any]:
 
 
 def run_meta(run_dir: Path, source: Path | None = None) -> dict[str, Any]:
-    """longtune_model.json of `source` (a checkpoint) or `final/`; for a run that has only
-    checkpoints (stopped early), rebuilt from its `recipe.yaml` when the base can be reloaded."""
-    for d in ([source] if source is not None else []) + [run_dir / "final"]:
-        if (d / "longtune_model.json").is_file():
+    """longtune_model.json of `source` (a checkpoint: train writes one into each) or of
+    `final/`. Export reads the run's own record; it never rebuilds one from the recipe."""
+    for d in ([source] if source is not None else []) + [run_dir / FINAL]:
+        if (d / MODEL_META).is_file():
             return read_meta(d)
-    recipe_file = run_dir / "recipe.yaml"
-    if source is None or not recipe_file.is_file():
+    if source is None:
         find_final(run_dir)  # raises the right message
-    from finetune.model import build_config
-    from finetune.recipe import load_recipe
-    from finetune.train import identity_hash
-
-    recipe = load_recipe(recipe_file)
-    if recipe.model.config is not None and recipe.lora.mode != "full":
-        raise ExportError(
-            f"{run_dir} has no final/: the base weights of an inline-config run (model.config) are saved "
-            f"in final/base/ only when training finishes, so checkpoint {source.name} cannot be merged"
-        )
-    return {
-        "base_model": recipe.model.name_or_path or "base",
-        "kind": recipe.kind,
-        "lora_mode": recipe.lora.mode,
-        "recipe_hash": identity_hash(recipe),
-        "model_config": build_config(recipe).to_dict(),
-    }
+    raise ExportError(
+        f"{source} has no {MODEL_META} and {run_dir} has no final/: the checkpoint was not written by "
+        "this version of `longtune train` (which records the model in every checkpoint); "
+        "resume the run to write one"
+    )
 
 
 def newest_checkpoint(run_dir: Path) -> Path:
-    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit()]
+    """The newest complete checkpoint (one killed while saving is skipped)."""
+    found = complete_checkpoints(run_dir)
     if not found:
-        raise ExportError(f"{run_dir} has no checkpoint-N/ directories to export (--checkpoint)")
-    return max(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+        _, incomplete = resume_point(run_dir)
+        extra = f" ({', '.join(p.name for p in incomplete)} incomplete)" if incomplete else ""
+        raise ExportError(f"{run_dir} has no complete checkpoint-N/ directories to export (--checkpoint){extra}")
+    return found[-1]
 
 
 def base_location(final: Path, base_ref: str) -> str:
@@ -122,16 +113,19 @@ def base_location(final: Path, base_ref: str) -> str:
     if base_ref == "base":
         base = final / "base"
         if not (base / "config.json").is_file():
+            if not final.is_dir():
+                raise ExportError(
+                    f"{final.parent} has no final/: the base weights of an inline-config run (model.config) "
+                    "are saved in final/base/ only when training finishes, so a checkpoint cannot be merged"
+                )
             raise ExportError(
-                f'{final}/longtune_model.json says the base is inline ("base") but {base}/config.json '
+                f'{final}/{MODEL_META} says the base is inline ("base") but {base}/config.json '
                 "is missing; the run's final/ is incomplete"
             )
         return str(base)
-    try:
-        from finetune.model import resolve_model_path
-    except ImportError:
-        return base_ref
-    return resolve_model_path(base_ref)
+    from data_prep.assets import resolve_model
+
+    return str(resolve_model(base_ref))
 
 
 def config_from_dict(d: dict[str, Any]):
@@ -257,7 +251,7 @@ def zero_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Consolidate DeepSpeed ZeRO-2/3 partitions of `ckpt` into one fp32 state dict."""
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    except ImportError:
+    except ImportError:  # a third-party package (the `deepspeed` extra), not ours
         raise ExportError("consolidating a DeepSpeed checkpoint needs deepspeed installed") from None
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), exclude_frozen_parameters=True)
     sd = {k: v for k, v in sd.items() if v is not None}
@@ -310,9 +304,9 @@ def load_base(final: Path, meta: dict, dtype=torch.float32):
         base_config = AutoConfig.from_pretrained(base_path)
     except OSError as e:
         raise ExportError(
-            f"cannot read the base model {base_path} named by {final}/longtune_model.json: {e}"
+            f"cannot read the base model {base_path} named by {final}/{MODEL_META}: {str(e).splitlines()[0]}"
         ) from None
-    check_same_architecture(base_config, run_config, base_path, final / "longtune_model.json")
+    check_same_architecture(base_config, run_config, base_path, final / MODEL_META)
     base_dir = Path(base_path)
     if base_dir.is_dir():
         check_no_pickles(base_dir)
@@ -330,7 +324,7 @@ def load_merged(run_dir: str | Path, checkpoint: bool | str | Path = False, dtyp
     `checkpoint`: False = `final/`; True = the newest `checkpoint-N/`; a path = that checkpoint.
     """
     run_dir = Path(run_dir)
-    if (run_dir / "longtune_model.json").is_file():  # given final/ itself
+    if (run_dir / MODEL_META).is_file():  # given final/ itself
         final, run_dir = run_dir, run_dir.parent
     else:
         final = run_dir / "final"
@@ -360,7 +354,10 @@ def load_merged(run_dir: str | Path, checkpoint: bool | str | Path = False, dtyp
     lcfg = LoraConfig.from_pretrained(str(source))
     lcfg.inference_mode = True
 
-    peft_model = get_peft_model(base, lcfg)
+    from finetune.quiet import quiet_peft
+
+    with quiet_peft():
+        peft_model = get_peft_model(base, lcfg)
     result = set_peft_model_state_dict(peft_model, state)
     missing = [k for k in getattr(result, "missing_keys", []) if ("lora_" in k or ".modules_to_save." in k)]
     if missing:
@@ -387,7 +384,10 @@ def load_peft(run_dir: str | Path, dtype=torch.float32):
     base, _, _ = load_base(final, meta, dtype=dtype)
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, str(final)).eval()
+    from finetune.quiet import quiet_peft
+
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, str(final)).eval()
 
 
 def _load_full(run_dir: Path, source: Path, meta: dict, dtype) -> MergedRun:
@@ -398,7 +398,7 @@ def _load_full(run_dir: Path, source: Path, meta: dict, dtype) -> MergedRun:
     refuse_empty(files, source)
     run_config = config_from_dict(meta["model_config"])
     saved = config_from_dict(json.loads((source / "config.json").read_text()))
-    check_same_architecture(saved, run_config, str(source), source / "longtune_model.json")
+    check_same_architecture(saved, run_config, str(source), source / MODEL_META)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(source), config=run_config, dtype=torch.float32)
     except (RuntimeError, ValueError) as e:

@@ -11,6 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+from finetune import rundir
+from finetune.export.repo_id import check_repo_id
+
 #: Files an export must hold before it can be pushed.
 REQUIRED = ("config.json", "README.md", "kv_cache_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -20,19 +23,26 @@ class PushError(RuntimeError):
     pass
 
 
-def resolve_export_dir(path: str | Path) -> Path:
-    """An export directory, or a run directory (-> its recipe's `export.output_dir`, else `export/`)."""
+def resolve_export_dir(path: str | Path) -> tuple[Path, Path | None]:
+    """(export directory, its run directory or None) for an export or a run directory.
+
+    A run directory's own `export/` comes first: a copied run pushes its copy, never the
+    export of the run its recipe names. An `export.output_dir` outside the run is used only
+    when the run has no export/ of its own (a relative one inside the run is rebased)."""
     p = Path(path)
     if (p / "config.json").is_file():
-        return p
-    cands = [p / "export"]
-    if (p / "recipe.yaml").is_file():  # `longtune export` writes to the recipe's export.output_dir
-        from finetune.recipe import load_recipe
-
-        cands.insert(0, load_recipe(p / "recipe.yaml").export_dir)
+        return p, rundir.export_run_dir(p)
+    cands = [rundir.default_export_dir(p)]
+    recipe = rundir.saved_recipe(p) if rundir.recipe_file(p).is_file() else None
+    if recipe is not None and recipe.export.output_dir:
+        named, trained_in = Path(recipe.export.output_dir), Path(recipe.run_dir)
+        try:  # inside the run the recipe was trained in: the same place in this one
+            cands.append(p / named.resolve().relative_to(trained_in.resolve()))
+        except ValueError:
+            cands.append(named)
     for c in dict.fromkeys(cands):
         if (c / "config.json").is_file():
-            return c
+            return c, p
     looked = " or ".join(str(c) for c in dict.fromkeys(cands))
     raise PushError(
         f"{p} holds no export (no config.json in it or in {looked}); run `longtune export {p}` first"
@@ -80,11 +90,16 @@ def push(
     `export_dir` may be a run directory (its `export/` is used).
     """
     out = out or sys.stdout
-    if not repo or repo.count("/") != 1 or not all(repo.split("/")):
-        raise PushError(f"--repo must look like user/name (got {repo!r})")
-    export_dir = resolve_export_dir(export_dir)
+    try:
+        check_repo_id(repo)
+    except ValueError as e:
+        raise PushError(f"--repo: {e}") from None
+    export_dir, run_dir = resolve_export_dir(export_dir)
     files = upload_files(export_dir)
     check_export(export_dir, files)
+    stale = rundir.export_staleness(export_dir, run_dir)
+    if stale:
+        raise PushError(rundir.stale_message(stale, run_dir))
     total = sum(s for _, s in files)
     visibility = "private" if private else "public"
     if dry_run:
@@ -94,20 +109,37 @@ def push(
             print(f"  {name}  {_size(size)}", file=out)
         return files
 
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, get_token
 
-    token = token or os.environ.get("HF_TOKEN") or None  # None: the cached `hf auth login` token
+    token = token or os.environ.get("HF_TOKEN") or get_token()  # the cached `hf auth login` token
+    if not token:
+        raise PushError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login` (or try --dry-run to list the files)"
+        )
     api = HfApi(token=token)
-    url = api.create_repo(repo_id=repo, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(
-        folder_path=str(export_dir),
-        repo_id=repo,
-        repo_type="model",
-        commit_message="Upload longtune export",
-        allow_patterns=[n for n, _ in files],
-    )
+    try:
+        url = api.create_repo(repo_id=repo, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(
+            folder_path=str(export_dir),
+            repo_id=repo,
+            repo_type="model",
+            commit_message="Upload longtune export",
+            allow_patterns=[n for n, _ in files],
+        )
+    except Exception as e:  # noqa: BLE001 - network, auth, quota: one paragraph, never the token
+        raise PushError(f"could not upload to {repo}: {_hub_reason(e, token)}") from None
     print(f"uploaded {len(files)} files ({_size(total)}) to {url}", file=out)
     return files
+
+
+def _hub_reason(e: BaseException, token: str) -> str:
+    """The first line of a Hub/network error, the token scrubbed, with what to check."""
+    first = (str(e).strip().splitlines() or [""])[0][:300].replace(token, "***")
+    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status in (401, 403):
+        return f"{text} (the token was refused: check HF_TOKEN / `hf auth login` and its write access)"
+    return f"{text} (is the Hub reachable from here, and the token valid?)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,21 +154,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     vis.add_argument("--public", dest="private", action="store_false", help="public repo")
     ap.add_argument("--dry-run", action="store_true", help="list the files and sizes, upload nothing")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     repo, private = a.repo, a.private
-    recipe_file = Path(a.run_dir) / "recipe.yaml"
-    if (repo is None or private is None) and recipe_file.is_file():
-        from finetune.recipe import load_recipe
-
-        r = load_recipe(recipe_file)
-        repo = repo or r.export.hub_repo
-        private = r.export.private if private is None else private
-    if repo is None:
-        print("error: --repo user/name is required (or set export.hub_repo in the recipe)", file=sys.stderr)
-        return 2
     try:
+        if (repo is None or private is None) and rundir.recipe_file(a.run_dir).is_file():
+            r = rundir.saved_recipe(a.run_dir)
+            repo = repo or r.export.hub_repo
+            private = r.export.private if private is None else private
+        if repo is None:
+            raise PushError("--repo user/name is required (or set export.hub_repo in the recipe)")
         push(a.run_dir, repo, private=True if private is None else private, dry_run=a.dry_run)
-    except PushError as e:
+    except (PushError, ValueError) as e:  # RecipeError is a ValueError
+        from finetune.cli import debug
+
+        if debug():
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -72,7 +72,7 @@ def install_attention(model, layout: dict | None = None) -> None:
 
 def resolve_kv_cache(model, kv_cache) -> dict | None:
     """The KV-cache config a call should use: an override ("full" / dict) or the model's default."""
-    from finetune.export import kv_config
+    from finetune.caches import config as kv_config
 
     if kv_cache is None:
         return getattr(model, "longtune_kv_cache", None)
@@ -95,7 +95,7 @@ def generate_with_cache(model, *args, kv_cache=None, **kwargs):
     cfg = resolve_kv_cache(model, kv_cache)
     if cfg is None and kv_cache is None and not hasattr(model, "longtune_kv_cache"):
         # Loaded by plain transformers (trust_remote_code + custom_generate): read the file.
-        from finetune.export import kv_config
+        from finetune.caches import config as kv_config
 
         where = _model_dir(model)
         cfg = kv_config.read(where) if where else None
@@ -121,7 +121,7 @@ def _model_dir(model) -> str | None:
     try:
         from huggingface_hub import hf_hub_download
 
-        from finetune.export.kv_config import FILE
+        from finetune.caches.config import FILE
 
         return str(Path(hf_hub_download(name, FILE)).parent)
     except Exception:  # noqa: BLE001  (no such repo / offline / no file: no config)
@@ -140,7 +140,7 @@ def load_model(path, kv_cache=None, dtype=None, device=None):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from finetune.export import kv_config
+    from finetune.caches import config as kv_config
 
     path = _resolve(Path(path))
     _register_hybrid_classes()
@@ -174,7 +174,7 @@ def load_model(path, kv_cache=None, dtype=None, device=None):
 
 def _load_final(final: Path, dtype):
     """A run's `final/` (LoRA): merged in memory; KV config from the run's recipe if present."""
-    from finetune.export import kv_config
+    from finetune.caches import config as kv_config
     from finetune.export.merge import load_merged
 
     run = load_merged(final, dtype=torch.float32)

@@ -292,6 +292,9 @@ class KVCacheSection(Section):
     recent_ratio: float | None = Field(default=None, ge=0, le=1)
     #: sink method: tokens kept after the sinks.
     window: int | None = Field(default=None, gt=0)
+    #: sink method: keys at their true positions (`absolute`), or StreamingLLM's contiguous
+    #: positions inside the cache (`cache`: streams past the model's trained length).
+    positions: Literal["absolute", "cache"] = "absolute"
     num_sink_tokens: int = Field(default=PATTERN_DEFAULTS["sink_window"]["num_sink_tokens"], ge=0)
     #: H2O score: sum of attention, or mean over the queries that could see the key.
     score_normalization: Literal["none", "mean"] = "none"

@@ -6,7 +6,7 @@ from finetune import cli
 from finetune.caches import bench
 
 TINY = ["--lengths", "40", "--layers", "3", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
-        "--window", "8", "--sinks", "2", "--decode", "1", "--threads", "1", "--no-write"]  # fmt: skip
+        "--window", "8", "--sinks", "2", "--decode", "1", "--batch", "1", "--threads", "1", "--no-write"]  # fmt: skip
 
 
 def test_cli_bench_kv_exits_zero(capsys):
@@ -21,3 +21,29 @@ def test_rows_bytes_follow_the_formula():
     assert T == 41
     assert abs(rows["hybrid"]["fraction"] - (1 / 3 + 2 / 3 * (8 + 2) / T)) < 1e-9
     assert abs(rows["sink"]["fraction"] - (8 + 2) / T) < 1e-9
+
+
+def test_bench_model_dir_ratios_and_section(tmp_path):
+    """--model takes a model directory; rows carry tokens/s and memory ratios to full; the KV
+    section is rewritten and the attention section left as it was."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=128)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    md = tmp_path / "benchmarks.md"
+    attention = "<!-- bench:attention -->\nkernel table\n<!-- /bench:attention -->\n"
+    md.write_text("# Benchmarks\n\n<!-- bench:kv -->\nold\n<!-- /bench:kv -->\n\n" + attention)
+    rows = bench.run(["--model", str(tmp_path / "model"), "--lengths", "24", "--batch", "1", "2", "--window", "6",
+                      "--sinks", "2", "--decode", "1", "--threads", "1", "--output", str(md)])  # fmt: skip
+    assert {r["method"] for r in rows} == {"full", "sink", "h2o"}  # no LongGen layout: no hybrid
+    assert {r["batch"] for r in rows} == {1, 2}
+    for r in rows:
+        full = next(f for f in rows if f["method"] == "full" and f["batch"] == r["batch"])
+        assert r["prefill_x"] == r["prefill_tokens_per_s"] / full["prefill_tokens_per_s"]
+        assert r["decode_x"] == r["decode_tokens_per_s"] / full["decode_tokens_per_s"]
+        assert r["fraction"] == r["nbytes"] / full["nbytes"]
+    text = md.read_text()
+    assert attention in text and "old" not in text and "| decode tok/s | x full |" in text

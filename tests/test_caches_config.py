@@ -13,7 +13,7 @@ FULL = {"pattern": "causal"}
 
 def test_validate_defaults_and_version(tiny_config):
     out = validate_kv_config({"method": "h2o"}, LlamaConfig(**tiny_config(num_hidden_layers=3)))
-    assert out["version"] == 1
+    assert out["version"] == 2 and out["positions"] == "absolute"
     assert out["heavy_ratio"] == out["recent_ratio"] == 0.1  # H2O reference default
     assert validate_kv_config(None)["method"] == "full"
     assert validate_kv_config(KVCacheSection(method="sink", window=16))["window"] == 16
@@ -27,7 +27,7 @@ def test_validate_defaults_and_version(tiny_config):
 @pytest.mark.parametrize(
     "kv, model_cfg, key",
     [
-        ({"version": 2}, None, "kv_cache.version"),
+        ({"version": 3}, None, "kv_cache.version"),
         ({"methd": "sink"}, None, "did you mean 'kv_cache.method'"),
         ({"method": "lru"}, None, "kv_cache.method"),
         ({"method": "sink"}, None, "kv_cache.window"),
@@ -75,7 +75,7 @@ def test_make_cache_installs_longtune_attention_and_generates(tiny_llama):
         kw["pad_token_id"] = 0
         want = model.generate(ids, cache=DynamicCache(), **kw)
         cache = make_cache(model, {"method": "h2o", "heavy": 100, "recent": 100})
-        assert model.config._attn_implementation == "longtune"
+        assert model.config._attn_implementation == "longtune_h2o"  # kernels' "longtune" + scores from the fused pass
         assert torch.equal(model.generate(ids, cache=cache, **kw), want)
         cache = make_cache(model, {"method": "h2o", "heavy": 3, "recent": 2, "num_sink_tokens": 1})
         model.generate(ids, cache=cache, **kw)
@@ -83,3 +83,24 @@ def test_make_cache_installs_longtune_attention_and_generates(tiny_llama):
         cache = make_cache(model, {"method": "sink", "window": 5, "num_sink_tokens": 2})
         model.generate(ids, cache=cache, **kw)
         assert cache.kept_tokens() == [7, 7, 7]
+
+
+@pytest.mark.parametrize("kv", [{"method": "h2o", "heavy": 3, "recent": 3}, {"method": "sink", "window": 5}])
+def test_make_cache_turns_use_cache_on(kv, tiny_llama):
+    """A model built for training (config.use_cache=False, as build_base_model returns it): with
+    a cache from make_cache, generate must still feed one token per step and give the tokens of
+    the same model with use_cache on."""
+    trained = tiny_llama(layers=3, dtype=torch.float64)
+    trained.config.use_cache = False
+    trained.generation_config.use_cache = False
+    plain = tiny_llama(layers=3, dtype=torch.float64)
+    ids = torch.randint(0, 97, (2, 12))
+    kw = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "min_new_tokens": 8,
+          "do_sample": False, "pad_token_id": 0}  # fmt: skip
+    with torch.no_grad():
+        cache = make_cache(trained, kv)
+        got = trained.generate(ids, cache=cache, **kw)
+        want = plain.generate(ids, cache=make_cache(plain, kv), **kw)
+    assert cache.get_seq_length() == 12 + 8 - 1  # one token per step, not the whole sequence again
+    assert torch.equal(got, want)
+    assert trained.config.use_cache and trained.generation_config.use_cache

@@ -162,3 +162,77 @@ def test_h2o_left_padding_row_equals_row_alone(reference_llama):
     for lb, la in zip(batch.layers, alone.layers):
         assert torch.equal(lb.positions[1], la.positions[0])
         torch.testing.assert_close(lb.scores[1], la.scores[0])
+
+
+def test_column_sums_equal_the_dense_probabilities(monkeypatch):
+    """The fused prefill's scores: column sums of exp(q.k * scale - lse) in query blocks equal
+    the dense softmax probabilities summed over the queries."""
+    from finetune.caches import h2o_attention
+    from kernels.backends import dense
+    from kernels.masks import build_context, dense_mask
+
+    monkeypatch.setattr(h2o_attention, "ROWS", 16)  # several query blocks per call
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 70, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    mask = dense_mask({"pattern": "causal"}, build_context(2, 70, 70, q.device), 4)
+    _, lse, probs = dense.attention_with_lse(q, k, v, mask, 0.5)
+    torch.testing.assert_close(h2o_attention.column_sums(q, k, lse, 0.5), probs.sum(dim=2))
+
+
+@pytest.mark.parametrize("norm", ["none", "mean"])
+def test_h2o_fused_prefill_keeps_what_the_reference_keeps(norm, monkeypatch, reference_llama, greedy):
+    """make_cache's H2O (scores from the fused attention pass) keeps the same keys, with the
+    same scores, and generates the same tokens as H2O on the plain reference attention
+    (explicit probabilities), prefill and decode."""
+    from finetune.caches import h2o_attention, make_cache
+
+    monkeypatch.setattr(h2o_attention, "ROWS", 16)
+    ids = torch.randint(0, 97, (2, 40))
+    kv = {"method": "h2o", "heavy": 5, "recent": 4, "num_sink_tokens": 2, "score_normalization": norm}
+    ref_model = reference_llama()
+    ref = H2OCache(2, 2, heavy=5, recent=4, num_sink_tokens=2, score_normalization=norm)
+    want = greedy(ref_model, ids, ref, 12)
+    model = reference_llama()
+    fused = make_cache(model, kv)
+    assert model.config._attn_implementation == h2o_attention.NAME
+    calls = []
+    observe = fused.observe_attention_sums
+    fused.observe_attention_sums = lambda *a: (calls.append(a[0]), observe(*a))
+    assert torch.equal(greedy(model, ids, fused, 12), want)
+    assert calls == [0, 1]  # one fused report per layer: the prefill
+    for a, b in zip(fused.layers, ref.layers):
+        assert torch.equal(a.positions, b.positions)
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("attn", ["fused", "reference"])
+def test_h2o_ratio_budgets_per_row_from_its_real_prompt(attn, reference_llama):
+    """Ratio budgets come from each row's real prompt length, not the padded width: a
+    left-padded row generates the same tokens and keeps the same keys (same scores) as the
+    same prompt alone; its extra slots are empty (position -1)."""
+    from finetune.caches import make_cache
+
+    m = reference_llama()
+    ids = torch.randint(1, 97, (2, 40))
+    mask = torch.ones_like(ids)
+    ids[1, :15], mask[1, :15] = 0, 0
+    kv = {"method": "h2o", "heavy_ratio": 0.2, "recent_ratio": 0.15, "num_sink_tokens": 1}
+    kw = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+
+    def cache():
+        if attn == "fused":
+            return make_cache(m, kv)
+        return H2OCache(2, 2, heavy_ratio=0.2, recent_ratio=0.15, num_sink_tokens=1)
+
+    with torch.no_grad():
+        batch = cache()
+        got = m.generate(ids, cache=batch, attention_mask=mask, **kw)
+        alone = cache()
+        want = m.generate(ids[1:, 15:], cache=alone, attention_mask=mask[1:, 15:], **kw)
+    assert torch.equal(got[1, 40:], want[0, 25:])
+    for lb, la in zip(batch.layers, alone.layers):
+        assert la.budget == 1 + 5 + 3 and lb.budget == 1 + 8 + 6  # int(0.2 * 25), int(0.15 * 25); row 0: 40
+        real = lb.positions[1] >= 0
+        assert (real.sum(-1) == la.budget).all()
+        assert torch.equal(lb.positions[1][real].view(2, -1), la.positions[0])
+        torch.testing.assert_close(lb.scores[1][real].view(2, -1), la.scores[0])

@@ -60,3 +60,22 @@ def test_methods_and_budgets(tiny_llama_config):
     assert m["sink"]["40"]["kv_config"]["window"] == 8  # 20% of the prompt
     assert m["h2o"]["40"]["kv_config"]["heavy_ratio"] == 0.1
     assert m["h2o"]["40"]["nbytes"] < m["full"]["40"]["nbytes"]
+
+
+def test_ratios_to_full_time_and_memory(tiny_llama_config):
+    """Each method reports what it buys next to full at the same length: KV bytes, peak prefill
+    memory and tokens/s as ratios (full's own are 1), and the summary table shows them."""
+    from finetune.eval.report import kv_md
+
+    model = _model(tiny_llama_config)
+    res = kv_cache.run(model, torch.randint(0, 256, (64,)), EvalSection(lengths=[48], kv_decode_tokens=2),
+                       progress=False)  # fmt: skip
+    m = res["methods"]
+    full, h2o = m["full"]["48"], m["h2o"]["48"]
+    assert full["prefill_x"] == full["decode_x"] == 1.0
+    assert h2o["prefill_x"] == pytest.approx(h2o["prefill_tokens_per_s"] / full["prefill_tokens_per_s"])
+    assert h2o["decode_x"] == pytest.approx(h2o["decode_tokens_per_s"] / full["decode_tokens_per_s"])
+    if full["peak_prefill_bytes"]:  # Linux: peak RSS growth; elsewhere not measured
+        assert h2o["memory_x"] == pytest.approx(h2o["peak_prefill_bytes"] / full["peak_prefill_bytes"])
+    text = kv_md({**res, "model": "tiny"})
+    assert "peak x full" in text and "prefill x full" in text and "decode x full" in text

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from finetune.export import export_run, kv_config
-from finetune.export.kv_config import KVConfigError
+from finetune.caches import config as kv_config
+from finetune.caches.config import KVConfigError
+from finetune.export import export_run
 
 CAUSAL = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
           "longtune_attention": {"version": 1, "layers": [{"pattern": "causal"}] * 4}}  # fmt: skip
@@ -20,7 +21,7 @@ HYBRID = {
 
 def test_schema_and_defaults():
     cfg = kv_config.build({"method": "h2o"}, CAUSAL)
-    assert cfg["version"] == 1 and cfg["method"] == "h2o"
+    assert cfg["version"] == 2 and cfg["method"] == "h2o"
     assert cfg["heavy_ratio"] == 0.1 and cfg["recent_ratio"] == 0.1  # reference 10% + 10%
     assert cfg["heavy"] is None and cfg["num_sink_tokens"] == 4
     assert cfg["score_normalization"] == "none" and cfg["gqa_reduction"] == "mean"
@@ -59,9 +60,27 @@ def test_errors_name_the_key(kv, model, key):
 
 def test_read_checks_version(tmp_path):
     assert kv_config.read(tmp_path) is None
-    (tmp_path / kv_config.FILE).write_text(json.dumps({"version": 2, "method": "full"}))
+    (tmp_path / kv_config.FILE).write_text(json.dumps({"version": 3, "method": "full"}))
     with pytest.raises(KVConfigError, match="version"):
         kv_config.read(tmp_path)
+
+
+def test_version_1_files_read_as_absolute_positions(tmp_path):
+    """Version 2 added `positions`; a version 1 file means the sink cache's absolute positions."""
+    (tmp_path / kv_config.FILE).write_text(json.dumps({"version": 1, "method": "sink", "window": 8}))
+    cfg = kv_config.validate(kv_config.read(tmp_path), CAUSAL, where="kv_cache_config.json")
+    assert cfg["version"] == 2 and cfg["positions"] == "absolute"
+    with pytest.raises(KVConfigError, match=r"kv_cache\.positions: not part of version 1"):
+        kv_config.validate({"version": 1, "method": "sink", "window": 8, "positions": "cache"})
+
+
+def test_one_validator_one_error():
+    """#11: the caches package owns the KV-cache config; export and loading use it."""
+    from finetune import caches
+
+    assert caches.validate_kv_config is kv_config.validate and caches.KVConfigError is KVConfigError
+    with pytest.raises(ImportError):
+        import finetune.export.kv_config  # noqa: F401
 
 
 @pytest.mark.parametrize("text,msg", [("[1, 2]", "expected a JSON object, got list"),
@@ -92,7 +111,7 @@ def test_export_refuses_invalid_kv_config_before_writing(sf_run, tmp_path):
 def test_exported_kv_config_file(sf_run, tmp_path):
     out = export_run(sf_run, tmp_path / "e", dtype="float32")
     cfg = json.loads((out / "kv_cache_config.json").read_text())
-    assert cfg["version"] == 1 and cfg["method"] == "sink" and cfg["window"] == 8
+    assert cfg["version"] == 2 and cfg["positions"] == "absolute" and cfg["method"] == "sink" and cfg["window"] == 8
     assert cfg["num_layers"] == 2 and cfg["attn_implementation"] == "longtune"
     from finetune.caches import validate_kv_config
 

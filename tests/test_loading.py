@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import finetune
+from finetune.caches.config import KVConfigError
 from finetune.export import export_run
-from finetune.export.kv_config import KVConfigError
 
 
 @pytest.fixture(scope="module")

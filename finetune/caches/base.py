@@ -135,6 +135,8 @@ class PositionedCache(Cache):
         positions = new_positions(key_states, kwargs, layer.seen)
         keys, values, pos = layer.update(key_states, value_states, positions)
         if kwargs is not None:
+            if pos.dim() == 3 and keys.shape[-2] == key_states.shape[-2]:
+                pos = pos[:, 0]  # nothing held before this step: every head has the same keys
             if pos.dim() == 3:  # per-KV-head choice (H2O): slot-wise max is causally exact
                 kwargs[HEAD_POSITIONS_KEY] = pos
                 kwargs[POSITIONS_KEY] = pos.amax(dim=1)

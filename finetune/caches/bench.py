@@ -1,22 +1,29 @@
-"""`longtune bench kv`: KV bytes and prefill/decode time of the caches on a small random Llama.
+"""`longtune bench kv`: what each KV cache buys, in bytes, prefill and decode speed, next to full.
 
-    python -m finetune.caches.bench [--lengths 512 1024 2048] [--no-write]
+    python -m finetune.caches.bench [--model smollm2-135m | RUN_DIR | EXPORT_DIR]
+        [--lengths 4096 16384] [--batch 1 4] [--decode 32] [--no-write]
 
-Full attention (DynamicCache) against the LongGen hybrid (1/3 full layers in the middle, the
-rest sink_window), the sink cache and H2O at the same budget, at several context lengths, next
-to the formula F/L + (L-F)/L * (W+s)/T. Prints a table and rewrites the `bench:kv` section of
-docs/benchmarks.md with the machine and the date. CPU timings of a toy model: the bytes are
-exact, the times only show the trend.
+For each context length and batch size: a fresh cache per method (full = transformers'
+DynamicCache; the LongGen hybrid, the sink cache and H2O at the same budget), a prefill of
+random tokens (`logits_to_keep=1`, as generate does) timed and its peak memory measured
+(finetune/caches/measure.py), then greedy decode steps timed one token at a time. Reported:
+KV bytes held and their fraction of full (next to the formula F/L + (L-F)/L * (W+s)/T), prefill
+and decode tokens/s, peak prefill memory, and each as a ratio to the full cache (x full: > 1 is
+faster / < 1 is smaller). Without `--model` the model is a random Llama of the given shape (the
+hybrid then gets 1/3 full layers in the middle, the rest sink_window); with `--model` (a run
+directory, an export directory or the offline asset `smollm2-135m`) it is that model: `hybrid`
+runs only when it has a LongGen layout. Prints a table and rewrites the `bench:kv` section of
+docs/benchmarks.md with the machine, the date and the command.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import inspect
 import platform
 import re
 import sys
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -59,25 +66,47 @@ def formula(F: int, L: int, W: int, s: int, T: int) -> float:
 
 
 @torch.no_grad()
-def run_one(model, cache, T: int, decode: int, vocab: int, seed: int = 0) -> dict:
+def run_one(model, cache, T: int, decode: int, vocab: int, batch: int = 1, seed: int = 0, clock: str = "wall") -> dict:
+    """Prefill `batch` rows of T random tokens into `cache`, then `decode` greedy steps."""
     from finetune.caches import cache_nbytes
+    from finetune.caches.measure import CLOCKS, sync, timed_peak
 
+    device = model.device
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (1, T), generator=g)
-    t0 = time.perf_counter()
-    out = model(input_ids=ids, cache=cache, use_cache=True)
-    prefill = time.perf_counter() - t0
+    ids = torch.randint(0, vocab, (batch, T), generator=g).to(device)
+    kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out, prefill, peak = timed_peak(lambda: model(input_ids=ids, cache=cache, use_cache=True, **kw), device, clock)
     nxt = out.logits[:, -1:].argmax(-1)
-    t0 = time.perf_counter()
+    del out
+    sync(device)
+    now = CLOCKS[clock]
+    t0 = now()
     for _ in range(decode):
         nxt = model(input_ids=nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    per_tok = (time.perf_counter() - t0) / max(1, decode)
+    sync(device)
+    per_tok = (now() - t0) / max(1, decode)
     return {
+        "batch": batch,
         "seen": cache.get_seq_length(),
         "nbytes": cache_nbytes(cache),
         "prefill_s": prefill,
+        "prefill_tokens_per_s": batch * T / prefill if prefill > 0 else float("nan"),
+        "peak_prefill_bytes": peak,
         "decode_s": per_tok,
+        "decode_tokens_per_s": batch / per_tok if per_tok > 0 else float("nan"),
     }
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Add each row's ratio to the full cache of the same length and batch: tokens/s (> 1 is
+    faster) and peak prefill memory (< 1 is smaller)."""
+    full = {(r["T"], r["batch"]): r for r in rows if r["method"] == "full"}
+    for r in rows:
+        f = full.get((r["T"], r["batch"]))
+        for key, out in (("prefill_tokens_per_s", "prefill_x"), ("decode_tokens_per_s", "decode_x"),
+                         ("peak_prefill_bytes", "memory_x")):  # fmt: skip
+            r[out] = r[key] / f[key] if f and r.get(key) is not None and f.get(key) else None
+    return rows
 
 
 def machine() -> str:
@@ -108,10 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def load_model(name: str, dtype: str):
+    """`--model`: a run directory, an export directory or an asset alias (`smollm2-135m`)."""
+    from data_prep.assets import resolve_model
+    from finetune.loading import load_model as load
+
+    return load(resolve_model(name), dtype=dtype).eval()
+
+
 def run(argv: list[str] | None = None) -> list[dict]:
     """Measure, print the table, write docs/benchmarks.md (unless --no-write); the rows."""
     p = argparse.ArgumentParser(prog="longtune bench kv", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None,
+                   help="run dir, export dir or smollm2-135m (default: a random Llama of the shape below)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="--model weights dtype")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes (rows of random tokens)")
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -120,29 +162,59 @@ def run(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--window", type=int, default=128, help="sink_window / sink cache window W")
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--decode", type=int, default=16, help="decode steps timed after the prefill")
-    p.add_argument("--methods", nargs="+", default=["full", "hybrid", "sink", "h2o"])
+    p.add_argument("--methods", nargs="+", default=["full", "hybrid", "sink", "h2o"],
+                   choices=["full", "hybrid", "sink", "h2o"])
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per method, interleaved; the best time (and memory) of each is reported")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall clock, or process CPU time (a shared machine; use with --threads 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--output", type=Path, default=BENCH_MD)
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = p.parse_args(argv)
+    if min(args.lengths) < 1 or min(args.batch) < 1 or args.decode < 1 or args.repeat < 1:
+        p.error("--lengths, --batch, --decode and --repeat must be >= 1")
 
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     from finetune.caches import make_cache
+    from finetune.caches.hybrid import layout_of
+    from kernels.layout import is_hybrid, sparse_layer_indices
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    L, W, s = args.layers, args.window, args.sinks
-    vocab = 512
-    full_idx = middle_full_layers(L, args.full_fraction)
-    F = len(full_idx)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=L,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=vocab,
-        max_position_embeddings=max(args.lengths) + args.decode + 8,
-    )  # fmt: skip
-    model = LlamaForCausalLM(cfg).eval()
+    W, s = args.window, args.sinks
+    methods = ["full", *[m for m in args.methods if m != "full"]]  # ratios need full first
+    if args.model:
+        model = load_model(args.model, args.dtype).to(args.device)
+        cfg = model.config
+        L, vocab = cfg.num_hidden_layers, cfg.vocab_size
+        own = layout_of(cfg)
+        hybrid_model = is_hybrid(own)
+        full_idx = [i for i in range(L) if i not in set(sparse_layer_indices(own))]
+        base_layout = own if hybrid_model else causal_layout(L)
+        if not hybrid_model and "hybrid" in methods:
+            methods.remove("hybrid")
+            print(f"hybrid skipped: {args.model} has no LongGen sparse layers", flush=True)
+        what = (f"{args.model} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} "
+                f"heads / {cfg.num_key_value_heads} KV heads, {args.dtype}"
+                f"{', hybrid layout' if hybrid_model else ''})")  # fmt: skip
+    else:
+        L, vocab = args.layers, 512
+        full_idx = middle_full_layers(L, args.full_fraction)
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=L,
+            num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=vocab,
+            max_position_embeddings=max(args.lengths) + args.decode + 8,
+        )  # fmt: skip
+        model = LlamaForCausalLM(cfg).eval().to(args.device)
+        hybrid_model, base_layout = False, causal_layout(L)
+        what = (f"Random Llama, {L} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV heads, "
+                f"fp32; hybrid: full layers {full_idx[0]}..{full_idx[-1]} (F={len(full_idx)}), the rest "
+                f"sink_window W={W}, s={s}")  # fmt: skip
+    F = len(full_idx) if "hybrid" in methods or hybrid_model else L
     kv_configs = {
         "full": None,
         "hybrid": {"method": "hybrid"},
@@ -151,60 +223,81 @@ def run(argv: list[str] | None = None) -> list[dict]:
     }
     rows = []
     for T in args.lengths:
-        full_bytes = None
-        for method in args.methods:
-            use_layout(model, hybrid_layout(L, full_idx, W, s) if method == "hybrid" else causal_layout(L))
+        for B in args.batch:
+            best: dict[str, dict] = {}
+            for _ in range(args.repeat):  # methods interleaved; each keeps its best time
+                for method in methods:
+                    if method == "hybrid" and not hybrid_model:
+                        use_layout(model, hybrid_layout(L, full_idx, W, s))
+                    else:
+                        use_layout(model, base_layout)
 
-            def new_cache(method=method):
-                return (
-                    DynamicCache(config=model.config)
-                    if method == "full"
-                    else make_cache(model, kv_configs[method])
+                    def new_cache(method=method):
+                        if method == "full":
+                            return DynamicCache(config=model.config)
+                        return make_cache(model, kv_configs[method])
+
+                    if method not in best:
+                        run_one(model, new_cache(), min(T, 64), 2, vocab, B)  # warm-up: first calls of each path
+                    r = run_one(model, new_cache(), T, args.decode, vocab, B, clock=args.clock)
+                    b = best.setdefault(method, r)
+                    for key in ("prefill_s", "decode_s", "peak_prefill_bytes"):
+                        if r[key] is not None and (b[key] is None or r[key] < b[key]):
+                            b[key] = r[key]
+                    b["prefill_tokens_per_s"] = B * T / b["prefill_s"]
+                    b["decode_tokens_per_s"] = B / b["decode_s"] if b["decode_s"] > 0 else float("nan")
+            for method in methods:
+                r = best[method]
+                seen = r["seen"]
+                if method == "full":
+                    full_bytes = r["nbytes"]
+                frac = r["nbytes"] / full_bytes
+                pred = {"full": 1.0, "hybrid": formula(F, L, W, s, seen)}.get(method, formula(0, L, W, s, seen))
+                rows.append({"method": method, "T": seen, **r, "fraction": frac, "formula": pred})
+                print(
+                    f"{method:>6} T={seen:>5} batch {B}  KV {r['nbytes'] / 2**20:8.2f} MiB {frac:6.3f} of full "
+                    f"(formula {pred:6.3f})  prefill {r['prefill_tokens_per_s']:9.1f} tok/s "
+                    f"peak {_mib(r['peak_prefill_bytes'])} MiB  decode {r['decode_tokens_per_s']:8.2f} tok/s",
+                    flush=True,
                 )
-
-            run_one(model, new_cache(), min(T, 64), 2, vocab)  # warm-up: first calls of each path
-            cache = new_cache()
-            r = run_one(model, cache, T, args.decode, vocab)
-            if method == "full":
-                full_bytes = r["nbytes"]
-            seen = r["seen"]
-            frac = r["nbytes"] / full_bytes if full_bytes else float("nan")
-            pred = {"full": 1.0, "hybrid": formula(F, L, W, s, seen)}.get(method, formula(0, L, W, s, seen))
-            rows.append({"method": method, "T": seen, **r, "fraction": frac, "formula": pred})
-            print(
-                f"{method:>6} T={seen:>5}  KV {r['nbytes'] / 2**20:8.2f} MiB  {frac:6.3f} of full "
-                f"(formula {pred:6.3f})  prefill {r['prefill_s']:6.3f} s  decode {1e3 * r['decode_s']:7.2f} ms/token",
-                flush=True,
-            )
-
-    header = (
-        f"Random Llama, {L} layers (full: {full_idx[0]}..{full_idx[-1]}, F={F}), hidden {args.hidden}, "
-        f"{args.heads} heads / {args.kv_heads} KV heads, fp32, batch 1; sink_window W={W}, s={s}; "
-        f"sink cache W={W}, s={s}; H2O heavy {W // 2} + recent {W - W // 2} + {s} sinks (same budget). "
-        f"T = tokens in the cache after the prefill and {args.decode} decode steps. Formula: "
-        f"F/L + (L-F)/L x (W+s)/T (hybrid), (W+s)/T (sink, H2O: every layer compressed)."
-    )
+    with_ratios(rows)
     table = [
-        "| method | T | KV MiB | of full | formula | prefill s | decode ms/token |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        (
+            "| method | T | batch | KV MiB | of full | formula | prefill tok/s | x full | peak prefill MiB | x full "
+            "| decode tok/s | x full |"
+        ),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         table.append(
-            f"| {r['method']} | {r['T']} | {r['nbytes'] / 2**20:.2f} | {r['fraction']:.3f} | {r['formula']:.3f} "
-            f"| {r['prefill_s']:.3f} | {1e3 * r['decode_s']:.2f} |"
+            f"| {r['method']} | {r['T']} | {r['batch']} | {r['nbytes'] / 2**20:.2f} | {r['fraction']:.3f} "
+            f"| {r['formula']:.3f} | {r['prefill_tokens_per_s']:.1f} | {_x(r['prefill_x'])} "
+            f"| {_mib(r['peak_prefill_bytes'])} | {_x(r['memory_x'])} | {r['decode_tokens_per_s']:.2f} "
+            f"| {_x(r['decode_x'])} |"
         )
+    header = (
+        f"{what}. Sink cache W={W}, s={s}; H2O heavy {W // 2} + recent {W - W // 2} + {s} sinks (the same "
+        f"budget). T = tokens seen after the prefill and {args.decode} decode steps (timed one by one; "
+        f"best of {args.repeat} interleaved run(s) per method). "
+        f"Formula: F/L + (L-F)/L x (W+s)/T (hybrid), (W+s)/T (sink, H2O: every layer compressed). "
+        f"x full: this method's tokens/s (prefill, decode) or peak prefill memory over the full cache's "
+        f"at the same T and batch."
+    )
     body = "\n".join(
         [
             "## KV caches (`longtune bench kv`)",
             "",
             f"Machine: {machine()}. Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
-            f"Command: `{' '.join(['python -m finetune.caches.bench', *(argv or [])])}`.",
+            f"Command: `{' '.join(['python -m finetune.caches.bench', *(argv if argv is not None else sys.argv[1:])])}`.",
             "",
             header,
             "",
             *table,
             "",
-            "Bytes are exact (`cache.nbytes()`: K/V held). CPU times of a toy model, shared cores: trends only.",
+            "Bytes are exact (`cache.nbytes()`: K/V held). Peak prefill memory: growth of the process during "
+            "the prefill (finetune/caches/measure.py). Times: "
+            + ("wall clock." if args.clock == "wall" else "process CPU time (`--clock cpu`), one torch thread per "
+               "process on a shared machine: the work itself, not what a user waits on a busy box."),
         ]
     )
     print()
@@ -213,6 +306,14 @@ def run(argv: list[str] | None = None) -> list[dict]:
         write_section(args.output, body)
         print(f"\nwrote the bench:kv section of {args.output}")
     return rows
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f}"
+
+
+def _x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 if __name__ == "__main__":

@@ -15,10 +15,17 @@ the layer adds them to the scores and evicts down to its budget. Score of key j:
 - `mean`: that sum divided by the number of queries that could see j (those at positions >= j),
   which removes the bias towards early tokens.
 GQA: per-query-head scores are reduced over each KV group (`gqa_reduction`: mean or sum).
+The attention function may instead report, for a whole step at once, the probabilities already
+summed over the queries (`observe_attention_sums(layer_idx, sums, queries)`, sums
+(batch, heads, k_len)): the "longtune_h2o" function (h2o_attention.py) does so for the prefill,
+from the row log-sum-exp of its fused attention pass.
 Budgets in tokens (`heavy`, `recent`) or ratios of the prompt length (`heavy_ratio`,
-`recent_ratio`, resolved at the first update of each layer: int(ratio * prompt_length)).
-Ties go to the older token (stable sort). Left padding (position -1) is evicted first and a
-padded row's sinks are its first real tokens (positions 0..num_sink_tokens-1).
+`recent_ratio`, resolved at the first update of each layer, per row from that row's real
+prompt length: int(ratio * real_tokens)). Rows with smaller budgets than the batch's largest
+fill their remaining slots with empty entries (position -1, never attended, evicted first), so
+a left-padded row keeps what it keeps alone. Ties go to the older token (stable sort). Left
+padding (position -1) is evicted first and a padded row's sinks are its first real tokens
+(positions 0..num_sink_tokens-1).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from .base import CompactLayer, FullLayer, PositionedCache
 
 class H2OLayer(CompactLayer):
     observes_attention = True
-    batch_tensors = ("keys", "values", "positions", "scores")
+    batch_tensors = ("keys", "values", "positions", "scores", "heavy_rows", "recent_rows")
 
     def __init__(
         self,
@@ -52,7 +59,11 @@ class H2OLayer(CompactLayer):
         if gqa_reduction not in ("mean", "sum"):
             raise ValueError(f"gqa_reduction must be mean|sum, got {gqa_reduction!r}")
         self.groups = int(num_kv_groups)
+        self.heavy_tokens, self.recent_tokens = heavy, recent
+        #: storage budget (the largest row's) once the prompt is seen; per-row budgets (batch,)
         self.heavy, self.recent = heavy, recent
+        self.heavy_rows: torch.Tensor | None = None
+        self.recent_rows: torch.Tensor | None = None
         self.heavy_ratio, self.recent_ratio = heavy_ratio, recent_ratio
         self.num_sink_tokens = int(num_sink_tokens)
         self.score_normalization, self.gqa_reduction = score_normalization, gqa_reduction
@@ -70,6 +81,7 @@ class H2OLayer(CompactLayer):
     def reset(self):
         super().reset()
         self.pending, self._acc = 0, None
+        self.heavy, self.recent = self.heavy_tokens, self.recent_tokens
 
     @property
     def budget(self) -> int | None:
@@ -88,12 +100,12 @@ class H2OLayer(CompactLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        if self.seen == 0:  # prompt: resolve ratio budgets
-            if self.heavy is None:
-                self.heavy = int(self.heavy_ratio * q)
-            if self.recent is None:
-                self.recent = int(self.recent_ratio * q)
         b, h = key_states.shape[:2]
+        if self.seen == 0:  # prompt: resolve the budgets, ratios per row from its real tokens
+            real = (positions >= 0).sum(dim=-1).to(torch.float64)
+            self.heavy_rows = self._row_budget(self.heavy_tokens, self.heavy_ratio, real)
+            self.recent_rows = self._row_budget(self.recent_tokens, self.recent_ratio, real)
+            self.heavy, self.recent = int(self.heavy_rows.max()), int(self.recent_rows.max())
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, positions.unsqueeze(1).expand(b, h, q)], dim=-1)
@@ -102,6 +114,24 @@ class H2OLayer(CompactLayer):
         self.pending, self._acc = q, torch.zeros_like(self.scores)
         self._q_real = positions >= 0  # left-padding queries add no score
         return self.keys, self.values, self.positions
+
+    @staticmethod
+    def _row_budget(tokens: int | None, ratio: float | None, real: torch.Tensor) -> torch.Tensor:
+        if tokens is not None:
+            return torch.full(real.shape, int(tokens), dtype=torch.long, device=real.device)
+        return (float(ratio) * real).long()  # int(ratio * n) per row, float64 as Python does
+
+    def observe_sums(self, sums: torch.Tensor, queries: int) -> None:
+        """sums (batch, heads, k_len): probabilities of all `queries` queries of this step
+        (none of them padding) already summed over the queries."""
+        b, hq, k = sums.shape
+        hkv = self.keys.shape[1]
+        if k != self.keys.shape[-2] or hq != hkv * self.groups or queries != self.pending:
+            raise ValueError(
+                f"observe_attention_sums: sums {tuple(sums.shape)} for {queries} queries do not match the layer "
+                f"(batch {b}, {hkv * self.groups} heads, {self.pending} pending queries, {self.keys.shape[-2]} keys)"
+            )
+        self._accumulate(sums.float().view(b, hkv, self.groups, k), queries)
 
     def observe(self, probs: torch.Tensor) -> None:
         """probs (batch, heads, q_chunk, k_len) for the next q_chunk queries of this step."""
@@ -115,9 +145,12 @@ class H2OLayer(CompactLayer):
         done = self._acc_rows()
         pad_rows = ~self._q_real[:, done : done + qc].view(b, 1, qc, 1)
         per_head = probs.float().masked_fill(pad_rows, 0.0).sum(dim=2).view(b, hkv, self.groups, k)
+        self._accumulate(per_head, qc)
+
+    def _accumulate(self, per_head: torch.Tensor, queries: int) -> None:
         per_kv = per_head.mean(dim=2) if self.gqa_reduction == "mean" else per_head.sum(dim=2)
         self._acc += per_kv
-        self.pending -= qc
+        self.pending -= queries
         if self.pending == 0:
             self.scores += self._acc
             self._acc = None
@@ -135,23 +168,48 @@ class H2OLayer(CompactLayer):
         return self.scores / (last - self.positions + 1).clamp_min(1).float()
 
     def evict(self) -> None:
-        n, s, r = self.keys.shape[-2], self.num_sink_tokens, self.recent
-        budget = s + self.heavy + r
-        if n <= budget:
+        n, s = self.keys.shape[-2], self.num_sink_tokens
+        row_budget = (s + self.heavy_rows + self.recent_rows).view(-1, 1, 1)
+        if n <= int(row_budget.min()):
             return
+        budget = min(n, s + self.heavy + self.recent)  # storage: the largest row's budget
         # keep priority: sinks (positions 0..s-1: a padded row's first real tokens) and the
         # `recent` last slots first, then the heavy hitters, left padding (position -1) last
         pos = self.positions
         rank = self.ranking_scores().masked_fill(pos < 0, float("-inf"))
-        must = ((pos >= 0) & (pos < s)) | (torch.arange(n, device=self.device) >= n - r)
+        recent = self.recent_rows.view(-1, 1, 1)
+        must = ((pos >= 0) & (pos < s)) | (torch.arange(n, device=self.device) >= n - recent)
         rank = rank.masked_fill(must, float("inf"))
+        uneven = bool((row_budget < budget).any())
+        if n == budget + 1 and not uneven:
+            # one token over (a decode step): drop the slot the stable sort below would put
+            # last (the newest of the lowest-ranked) and shift the later slots down by one,
+            # a vectorised select instead of a gather of the whole cache
+            slots = torch.arange(n, device=self.device)
+            is_min = rank == rank.amin(dim=-1, keepdim=True)
+            victim = torch.where(is_min, slots, -1).argmax(dim=-1, keepdim=True)
+            later = slots[:-1] >= victim  # (b, h, n - 1): slot i takes slot i + 1
+            for name in ("keys", "values"):
+                t = getattr(self, name)
+                setattr(self, name, torch.where(later.unsqueeze(-1), t[:, :, 1:], t[:, :, :-1]))
+            self.positions = torch.where(later, self.positions[:, :, 1:], self.positions[:, :, :-1])
+            self.scores = torch.where(later, self.scores[:, :, 1:], self.scores[:, :, :-1])
+            return
         order = torch.sort(rank, dim=-1, descending=True, stable=True).indices[..., :budget]
+        if uneven:  # a row's slots past its own budget become empty entries
+            dropped = torch.zeros_like(pos, dtype=torch.bool).scatter_(
+                -1, order, (torch.arange(budget, device=self.device) >= row_budget).expand_as(order)
+            )
         idx = order.sort(dim=-1).values  # position order
         d = self.keys.shape[-1]
         self.keys = self.keys.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
         self.values = self.values.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]))
         self.positions = self.positions.gather(2, idx)
         self.scores = self.scores.gather(2, idx)
+        if uneven:
+            gone = dropped.gather(2, idx)
+            self.positions.masked_fill_(gone, -1)
+            self.scores.masked_fill_(gone, 0.0)
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove:
@@ -174,3 +232,9 @@ class H2OCache(PositionedCache):
         layer = self.layers[layer_idx]
         if isinstance(layer, H2OLayer):
             layer.observe(probs)
+
+    def observe_attention_sums(self, layer_idx: int, sums: torch.Tensor, queries: int) -> None:
+        """The whole step's probabilities summed over its `queries` queries: (batch, heads, k_len)."""
+        layer = self.layers[layer_idx]
+        if isinstance(layer, H2OLayer):
+            layer.observe_sums(sums, queries)

@@ -1,10 +1,20 @@
-"""StreamingLLM-style sink + window cache (the LongGen variant: no re-rotation).
+"""StreamingLLM-style sink + window cache, with absolute or in-cache positions.
 
 Per layer: the first `num_sink_tokens` tokens (pinned slots) plus a ring buffer of the last
-`window` tokens. Keys are cached *after* RoPE, at their absolute positions, and are never
-re-rotated: the model sees the real distance to every kept key. (The original StreamingLLM
-stores keys before RoPE and re-rotates them to contiguous positions inside the cache so a
-model trained at 4K can stream past its context; that variant is not implemented.)
+`window` tokens. Two ways to place the kept keys (`positions` in the KV-cache config):
+
+- `absolute` (default, the LongGen variant): keys are cached *after* RoPE at their absolute
+  positions and never re-rotated: the model sees the real distance to every kept key, as
+  LongGen's sink_window layers do; positions past the trained length stay out of distribution.
+- `cache` (StreamingLLM, Xiao et al. 2023): keys are cached *before* RoPE (the layer undoes
+  the rotation the attention module applied) and, at every step, rotated to contiguous
+  positions inside the cache: the kept keys of a row get 0, 1, ..., m-1 in position order and
+  the new tokens m, m+1, ... So the distance between a query and any kept key is at most
+  sinks + window, whatever the stream length. The queries are rotated by the model at their
+  absolute position p; RoPE depends only on the difference, so the held keys are rotated to
+  p0 - m + c (c: in-cache index, p0: the first new token's position) and the new keys keep
+  theirs, which gives exactly the in-cache distances (the positions reported to the attention
+  function are these shifted ones, so masks stay causal). Causal layers only.
 
 `update` returns sinks + window in position order followed by the new tokens, with their
 positions in `kwargs["longtune_kv_positions"]`; the attention function decides what each
@@ -26,13 +36,16 @@ class SinkWindowLayer(CompactLayer):
     token with cache index i (i >= sinks) living in slot sinks + (i - sinks) % window.
     """
 
-    def __init__(self, window: int, num_sink_tokens: int = 4, **kwargs):
+    def __init__(self, window: int, num_sink_tokens: int = 4, rope=None, **kwargs):
         super().__init__()
         if window <= 0:
             raise ValueError(f"window must be > 0, got {window}")
         self.window = int(window)
         self.num_sink_tokens = int(num_sink_tokens)
         self.ring = False  # storage is in ring layout
+        #: the model's rotary embedding ((x, position_ids) -> (cos, sin)) for in-cache
+        #: positions (`positions: cache`); None: absolute positions, keys stored after RoPE
+        self.rope = rope
 
     @property
     def capacity(self) -> int:
@@ -68,8 +81,9 @@ class SinkWindowLayer(CompactLayer):
             self.lazy_initialization(key_states, value_states)
         s, w = self.num_sink_tokens, self.window
         q = key_states.shape[-2]
+        stored = key_states if self.rope is None else self._rotate(key_states, positions, inverse=True)
         old_k, old_v, old_p = self.ordered()
-        keys = torch.cat([old_k, key_states], dim=-2)
+        keys = torch.cat([old_k, stored], dim=-2)
         values = torch.cat([old_v, value_states], dim=-2)
         pos = torch.cat([old_p, positions], dim=-1)
         start, self.seen = self.seen, self.seen + q
@@ -78,7 +92,7 @@ class SinkWindowLayer(CompactLayer):
             self.keys, self.values, self.positions = keys, values, pos
         elif self.ring and q < w:  # write the new tokens into their ring slots, in place
             slots = s + (torch.arange(start, self.seen, device=self.device) - s) % w
-            self.keys.index_copy_(-2, slots, key_states)
+            self.keys.index_copy_(-2, slots, stored)
             self.values.index_copy_(-2, slots, value_states)
             self.positions.index_copy_(-1, slots, positions.contiguous())
         else:  # (re)build the ring from the sinks and the last `window` tokens
@@ -96,7 +110,28 @@ class SinkWindowLayer(CompactLayer):
             self.positions = torch.cat([sink_pos, pos.new_empty(pos.shape[0], w)], dim=-1)
             self.positions.index_copy_(-1, slots, pos.index_select(-1, tail))
             self.ring = True
-        return keys, values, pos
+        if self.rope is None:
+            return keys, values, pos
+        # in-cache positions: a row's held keys at p0 - m + 0..m-1, the new keys at their own
+        real = old_p >= 0
+        held = real.sum(dim=-1, keepdim=True)
+        shifted = positions[:, :1] - held + torch.cumsum(real.long(), dim=-1) - 1
+        held_pos = torch.where(real, shifted, torch.full_like(old_p, -1))
+        held_k = self._rotate(old_k, held_pos)
+        return torch.cat([held_k, key_states], dim=-2), values, torch.cat([held_pos, positions], dim=-1)
+
+    def _rotate(self, k: torch.Tensor, pos: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """RoPE of keys k (b, h, n, d) at positions pos (b, n) with the model's rotary embedding;
+        `inverse` undoes it (divided by cos^2 + sin^2, the square of any attention scaling)."""
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        if k.shape[-2] == 0:
+            return k
+        cos, sin = self.rope(k, pos.clamp_min(0))
+        cos, sin = cos.unsqueeze(1).to(k.dtype), sin.unsqueeze(1).to(k.dtype)
+        if inverse:
+            return (k * cos - rotate_half(k) * sin) / (cos * cos + sin * sin)
+        return k * cos + rotate_half(k) * sin
 
     def _first_real_tokens(self, pos: torch.Tensor, tail_start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row, the slots of the first `num_sink_tokens` real tokens (left padding has
@@ -121,11 +156,13 @@ class SinkWindowLayer(CompactLayer):
 class SinkWindowCache(PositionedCache):
     """`method: sink`: sink + window layers (the chosen `layers`), full layers elsewhere."""
 
-    def __init__(self, num_layers: int, window: int, num_sink_tokens: int = 4, layers=None):
+    def __init__(self, num_layers: int, window: int, num_sink_tokens: int = 4, layers=None, rope=None):
+        """`rope`: the model's rotary embedding for StreamingLLM's in-cache positions (None:
+        absolute positions)."""
         chosen = set(range(num_layers)) if layers is None else set(layers)
         super().__init__(
             [
-                SinkWindowLayer(window, num_sink_tokens) if i in chosen else FullLayer()
+                SinkWindowLayer(window, num_sink_tokens, rope=rope) if i in chosen else FullLayer()
                 for i in range(num_layers)
             ]
         )

@@ -2,10 +2,14 @@
 
 For each method that applies to the model (``hybrid`` only for a LongGen layout) and each
 length: a fresh cache from ``finetune.caches.make_cache(model, kv_config)``, a prefill of the
-prompt (``length`` tokens) then ``decode_tokens`` greedy decode steps, one token at a time,
-timed separately (wall clock, ``time.perf_counter``, CUDA synchronised, after one warm-up decode step). Reported:
-``nbytes`` (``cache.nbytes()`` after decoding: K/V actually held), its ratio to the full
-cache, prefill and decode tokens/s.
+prompt (``length`` tokens, ``logits_to_keep=1`` as generate does) then ``decode_tokens`` greedy
+decode steps, one token at a time, timed separately (wall clock, ``time.perf_counter``, CUDA
+synchronised, after one warm-up decode step). Reported: ``nbytes`` (``cache.nbytes()`` after
+decoding: K/V actually held), prefill and decode tokens/s, the peak memory of the prefill
+(finetune/caches/measure.py: CUDA peak allocation, or the growth of the process's peak
+resident set on CPU), and, next to the full cache at the same length, what each cache buys:
+``fraction_of_full`` (KV bytes), ``prefill_x`` / ``decode_x`` (tokens/s over full's: > 1 is
+faster) and ``memory_x`` (peak prefill memory over full's: < 1 is smaller).
 
 Budgets (recorded with each result): H2O 10% heavy + 10% recent (the reference default);
 sink 4 sink tokens + a window of 20% of the prompt; hybrid the model's own layout. The
@@ -51,11 +55,6 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _sync(device) -> None:
-    if isinstance(device, torch.device) and device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _nbytes(cache) -> int:
     from finetune.caches import cache_nbytes
 
@@ -66,22 +65,21 @@ def _nbytes(cache) -> int:
 def measure(model, prompt: torch.Tensor, kv_config: dict, decode_tokens: int = 32) -> dict:
     """Prefill ``prompt`` (1-D ids) into a fresh cache, decode greedily; sizes and speeds."""
     from finetune.caches import make_cache
+    from finetune.caches.measure import sync, timed_peak
 
     kw = cache_kwarg(model)
     ids = prompt.reshape(1, -1).to(model.device)
     cache = make_cache(model, kv_config)
-    _sync(ids.device)
-    t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, **{kw: cache})
-    _sync(ids.device)
-    prefill_s = time.perf_counter() - t0
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out, prefill_s, peak = timed_peak(lambda: model(input_ids=ids, use_cache=True, **keep, **{kw: cache}), ids.device)
     nxt = out.logits[:, -1:].argmax(-1)
+    del out
     nbytes_prefill = _nbytes(cache)
     decode_s = 0.0
     for step in range(decode_tokens + 1):
         t0 = time.perf_counter()
         out = model(input_ids=nxt, use_cache=True, **{kw: cache})
-        _sync(ids.device)
+        sync(ids.device)
         dt = time.perf_counter() - t0
         if step:  # step 0 is a warm-up
             decode_s += dt
@@ -99,6 +97,7 @@ def measure(model, prompt: torch.Tensor, kv_config: dict, decode_tokens: int = 3
         else None,
         "prefill_s": prefill_s,
         "prefill_tokens_per_s": ids.shape[1] / prefill_s if prefill_s > 0 else None,
+        "peak_prefill_bytes": peak,
         "decode_s": decode_s,
         "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else None,
     }
@@ -134,4 +133,8 @@ def run(model, ids: torch.Tensor, cfg, export_config: dict | None = None, progre
             full = results.get("full", {}).get(L, {})
             if "nbytes" in r and full.get("nbytes"):
                 r["fraction_of_full"] = r["nbytes"] / full["nbytes"]
+            for key, ratio in (("prefill_tokens_per_s", "prefill_x"), ("decode_tokens_per_s", "decode_x"),
+                               ("peak_prefill_bytes", "memory_x")):  # fmt: skip
+                if r.get(key) is not None and full.get(key):
+                    r[ratio] = r[key] / full[key]
     return {"decode_tokens": decode_tokens, "methods": results, "skipped": skipped}

@@ -131,9 +131,10 @@ def kv_md(res: dict) -> str:
         for L, r in sorted(per.items(), key=lambda kv: int(kv[0])):
             if "error" in r:
                 rows.append(
-                    [method, L, _budget(r.get("kv_config") or {}), "error: " + r["error"][:160], "", "", ""]
+                    [method, L, _budget(r.get("kv_config") or {}), "error: " + r["error"][:160], "", "", "", "", "", "", ""]
                 )
             else:
+                peak = r.get("peak_prefill_bytes")
                 rows.append(
                     [
                         method,
@@ -141,21 +142,30 @@ def kv_md(res: dict) -> str:
                         _budget(r.get("kv_config") or {}),
                         f"{r['nbytes'] / 2**20:.3f}",
                         r.get("fraction_of_full"),
+                        "" if peak is None else f"{peak / 2**20:.1f}",
+                        r.get("memory_x"),
                         r["prefill_tokens_per_s"],
+                        r.get("prefill_x"),
                         r["decode_tokens_per_s"],
+                        r.get("decode_x"),
                     ]
                 )
     out = (
-        f"Model: {res.get('model')}; {res['decode_tokens']} decode tokens after the prefill; CPU wall clock.\n\n"
+        f"Model: {res.get('model')}; {res['decode_tokens']} decode tokens after the prefill; wall clock. "
+        "x full: over the full cache at the same length (memory: < 1 is smaller; tok/s: > 1 is faster).\n\n"
         + table(
             [
                 "method",
                 "length",
                 "budget",
                 "KV held (MiB)",
-                "fraction of full",
+                "KV x full",
+                "peak prefill (MiB)",
+                "peak x full",
                 "prefill tok/s",
+                "prefill x full",
                 "decode tok/s",
+                "decode x full",
             ],
             rows,
         )

@@ -187,7 +187,8 @@ def export_run(
     """
     import torch
 
-    from finetune.export import card, kv_config
+    from finetune.caches import config as kv_config
+    from finetune.export import card
     from finetune.export.merge import load_merged
 
     run_dir = rundir.run_of(run_dir)  # given final/ itself: its run

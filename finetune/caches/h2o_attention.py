@@ -1,0 +1,164 @@
+"""The attention function an H2O cache runs with: kernels' "longtune" plus the heavy-hitter
+scores taken from the same pass.
+
+H2O needs, for every key, the attention it received. kernels' "longtune" function serves any
+observer by computing the probabilities explicitly (backends/dense.py, query chunks over the
+whole prompt, per-KV-head masks): exact, but several times a plain prefill. This function is
+registered (transformers `AttentionInterface`) as "longtune_h2o"; `make_cache` selects it for
+`method: h2o`. It hands every call to kernels' "longtune" unchanged except two, for layers whose
+pattern is causal at inference:
+
+- the prefill (queries == keys at 0..L-1, no padding): one fused causal pass that also returns
+  each row's log-sum-exp (kernels/backends/lse.py, PyTorch's CPU flash kernel), then the key
+  scores as column sums of exp(q.k * scale - lse) over causal key ranges, in query blocks of a
+  bounded size (no (L, L) tensor), reported with `observe_attention_sums`;
+- decode steps (keys kept per KV head, `longtune_kv_head_positions`): one mask for all KV heads
+  from kernels.masks (heads folded into the batch) and one small explicit softmax whose
+  probabilities go to `observe_attention`.
+
+The masks come from kernels.masks (`build_context`, `dense_mask`); causality is the only
+structure used, through the kernel's `is_causal`, as kernels/backends/sdpa.py does. Left-padded
+prefills, sparse patterns and anything else go to kernels' "longtune".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import HEAD_POSITIONS_KEY, OBSERVER_KEY, POSITIONS_KEY
+
+NAME = "longtune_h2o"
+#: query rows per block of the column sums, and a bound on one block's elements (float32: 64 MiB)
+ROWS = 32
+BLOCK_ELEMENTS = 1 << 24
+
+
+def _inference_spec(module) -> dict | None:
+    """The layer's resolved pattern at inference, or None when the layout is unusable (kernels'
+    function then raises its own error)."""
+    from kernels.masks import TRAINING_ONLY, resolve_spec
+
+    layout = getattr(module.config, "longtune_attention", None)
+    idx = getattr(module, "layer_idx", None)
+    if not isinstance(layout, dict) or idx is None or not 0 <= idx < len(layout.get("layers", [])):
+        return None
+    spec = resolve_spec(layout["layers"][idx])
+    return {"pattern": "causal"} if spec["pattern"] in TRAINING_ONLY else spec
+
+
+def column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, H, L): for causal self-attention at positions 0..L-1, the sum over queries i >= j of
+    the softmax probability p_ij = exp(scale * q_i.k_j - lse_i), per query head.
+
+    Query blocks of ROWS rows, each against only the keys it can see, all heads in one batched
+    matmul; the -lse_i is folded into that matmul (q extended by -lse, k by 1), so a block costs
+    one matmul, one in-place exp and one sum. Small blocks stay in cache (measured faster than
+    large ones on one CPU thread); few ops per block keep thread-pool overhead low."""
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rows = max(1, min(ROWS, BLOCK_ELEMENTS // max(1, B * H * L)))
+    future = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu(1)
+    ones = torch.ones(B, Hkv, L, 1, dtype=work, device=q.device)
+    kt = torch.cat([k.to(work), ones], dim=-1).transpose(-1, -2).reshape(B * Hkv, D + 1, L)
+    qa = torch.cat([q.to(work) * scale, -lse[..., None].to(work)], dim=-1).view(B, Hkv, rep, L, D + 1)
+    sums = torch.zeros(B, Hkv, rep, L, dtype=work, device=q.device)
+    for a in range(0, L, rows):
+        b = min(L, a + rows)
+        c = b - a
+        s = torch.bmm(qa[:, :, :, a:b].reshape(B * Hkv, rep * c, D + 1), kt[:, :, :b])
+        s = s.exp_().view(B, Hkv, rep, c, b)
+        s[..., a:b].masked_fill_(future[:c, :c], 0.0)
+        sums[..., :b] += s.sum(dim=3)
+    return sums.view(B, H, L)
+
+
+def _prefill(module, query, key, value, scale, observer):
+    from kernels.backends.lse import causal_attention_with_lse
+
+    out, lse = causal_attention_with_lse(query, key, value, scale)
+    with torch.no_grad():
+        sums = column_sums(query.detach(), key.detach(), lse.detach(), scale)
+    observer.observe_attention_sums(module.layer_idx, sums, query.shape[2])
+    return out
+
+
+def _decode(module, query, key, value, attention_mask, kwargs, spec, scale, observer):
+    """Per-KV-head key positions: one mask for every head (heads folded into the batch)."""
+    from kernels.backends.dense import attention_with_lse
+    from kernels.masks import build_context, dense_mask
+
+    B, H, Lq, D = query.shape
+    Hkv, Lk = key.shape[1], key.shape[2]
+    rep = H // Hkv
+    pos = kwargs[HEAD_POSITIONS_KEY].reshape(B * Hkv, Lk)
+    qpos = kwargs.get("position_ids")
+    if qpos is not None:
+        qpos = qpos.to(query.device).long().expand(B, Lq).repeat_interleave(Hkv, dim=0)
+    pad = attention_mask.repeat_interleave(Hkv, dim=0) if attention_mask is not None else None
+    ctx = build_context(B * Hkv, Lq, Lk, query.device, attention_mask=pad, position_ids=qpos, kv_positions=pos)
+    mask = dense_mask(spec, ctx, 1).view(B, Hkv, 1, Lq, Lk)
+    if Lq == 1:  # a decode step: the query sees its own key at least, no empty row to guard
+        work = torch.float64 if query.dtype == torch.float64 else torch.float32
+        q = query.reshape(B, Hkv, rep, D).to(work)
+        scores = torch.matmul(q, key.to(work).transpose(-1, -2)).mul_(scale)  # (B, Hkv, rep, Lk)
+        probs = torch.softmax(scores.masked_fill_(~mask.view(B, Hkv, 1, Lk), float("-inf")), dim=-1)
+        out = torch.matmul(probs, value.to(work)).to(query.dtype).view(B, H, 1, value.shape[-1])
+        observer.observe_attention(module.layer_idx, probs.view(B, H, 1, Lk))
+        return out
+    mask = mask.expand(B, Hkv, rep, Lq, Lk).reshape(B, H, Lq, Lk)
+    chunk = int(getattr(observer, "prefill_chunk", 512) or Lq)
+    outs = []
+    for start in range(0, Lq, chunk):
+        sl = slice(start, min(Lq, start + chunk))
+        o, _, p = attention_with_lse(query[:, :, sl], key, value, mask[:, :, sl], scale)
+        observer.observe_attention(module.layer_idx, p.detach())
+        outs.append(o)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def h2o_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: float | None = None, **kwargs):
+    """AttentionInterface entry point; same contract as kernels.registry.longtune_attention_forward."""
+    from kernels.masks import build_context, head_dependent
+    from kernels.registry import longtune_attention_forward
+
+    observer = kwargs.get(OBSERVER_KEY)
+    spec = _inference_spec(module) if observer is not None else None
+    if (
+        spec is None
+        or spec["pattern"] != "causal"
+        or module.training
+        or kwargs.get("cu_seq_lens_q") is not None
+        or not hasattr(observer, "observe_attention_sums")
+    ):
+        return longtune_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)  # fmt: skip
+    B, H, Lq, D = query.shape
+    Lk = key.shape[2]
+    scale = scaling if scaling is not None else D**-0.5
+    if kwargs.get(HEAD_POSITIONS_KEY) is not None and not head_dependent(spec, H):
+        out = _decode(module, query, key, value, attention_mask, kwargs, spec, scale, observer)
+        return out.transpose(1, 2).contiguous(), None
+    if Lq == Lk and kwargs.get(POSITIONS_KEY) is None:
+        ctx = build_context(B, Lq, Lk, query.device, attention_mask=attention_mask,
+                            position_ids=kwargs.get("position_ids"))  # fmt: skip
+        if ctx.trivial:
+            return _prefill(module, query, key, value, scale, observer).transpose(1, 2).contiguous(), None
+    return longtune_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)  # fmt: skip
+
+
+def register() -> str:
+    """Register "longtune_h2o" (and kernels' "longtune", whose mask function it shares); idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from kernels.registry import longtune_mask
+    from kernels.registry import register as register_longtune
+
+    register_longtune()
+    AttentionInterface.register(NAME, h2o_attention_forward)
+    AttentionMaskInterface.register(NAME, longtune_mask)
+    return NAME

@@ -1,0 +1,78 @@
+"""Time and peak memory of one model call: what `longtune bench kv` and eval's KV suite report.
+
+Peak memory is the growth of the process over what it held just before the call:
+- CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus the memory
+  allocated before;
+- CPU (Linux): the peak resident set (`VmHWM` in /proc/self/status), reset before the call by
+  writing 5 to /proc/self/clear_refs, minus the resident set before. It counts every page the
+  process touched (allocator slack included), so compare methods measured the same way in the
+  same process; None where /proc is not available.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Give freed heap back to the OS (else a later call reuses it unseen), reset VmHWM."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def sync(device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+#: clocks a measurement can use: wall clock (the default, what a user waits), or the process's
+#: CPU time (on a shared machine, with one torch thread: the time the work itself took)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed_peak(fn, device="cpu", clock: str = "wall"):
+    """(fn(), seconds, peak extra bytes or None), seconds on `clock` around the synchronised call."""
+    device = torch.device(device)
+    now = CLOCKS[clock]
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        t0 = now()
+        out = fn()
+        sync(device)
+        seconds = now() - t0
+        return out, seconds, int(torch.cuda.max_memory_allocated(device) - base)
+    gc.collect()
+    base = _status_kib("VmRSS") if _reset_peak_rss() else None
+    t0 = now()
+    out = fn()
+    seconds = now() - t0
+    peak = _status_kib("VmHWM") if base is not None else None
+    return out, seconds, None if peak is None else max(0, peak - base) * 1024

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-DEBUG_ENV = "LONGTUNE_DEBUG"
+from finetune.debug import DEBUG_ENV, debug, error_paragraph
 
 USAGE = """usage: longtune [--debug] <command> [args]
 
@@ -25,19 +25,6 @@ commands:
 
 --debug: show the traceback of a failure instead of a one-paragraph error
 """
-
-
-def debug() -> bool:
-    """Whether `--debug` was given (the subcommands re-raise instead of printing an error)."""
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def error_paragraph(e: BaseException) -> str:
-    """One paragraph for any exception: its message without blank lines; the type name for
-    exceptions that are not ours (a library's own message may not say what failed)."""
-    text = "\n".join(line for line in str(e).strip().splitlines() if line.strip())
-    ours = type(e).__module__.split(".")[0] in ("finetune", "data_prep", "kernels")
-    return text if ours and text else f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _recipe(argv: list[str]) -> int:

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare(recipe)
         cmd, env = command(resolved, recipe, a.ngpus, a.hostfile)
     except (RecipeError, ValueError, FileNotFoundError) as e:  # DataError is a ValueError
-        from finetune.cli import debug
+        from finetune.debug import debug
 
         if debug():
             raise

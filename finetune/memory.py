@@ -74,8 +74,6 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def final_hidden_states(model: torch.nn.Module):
     """Captures the decoder's final-norm output (what lm_head would see) during a forward."""
-    from finetune.sequence_parallel import unwrap
-
     base = unwrap(model)
     norm = base.get_decoder().norm
     box: dict = {}
@@ -129,8 +127,6 @@ def install_tiled_mlp(model: torch.nn.Module, tile_tokens: int | None) -> int:
     """Every decoder layer's ``mlp`` runs tiled; returns how many were converted.
 
     ``tile_tokens`` None = hidden_size (ALST: ceil(tokens / hidden) tiles)."""
-    from finetune.sequence_parallel import unwrap
-
     base = unwrap(model)
     tile = int(tile_tokens or base.config.hidden_size)
     n = 0
@@ -193,8 +189,6 @@ def loss_sum_and_outputs(model, inputs: dict, targets: torch.Tensor, memory):
         if memory.tiled_loss:
             with final_hidden_states(model) as box:
                 outputs = model(**inputs, logits_to_keep=no_logits(targets.device))
-            from finetune.sequence_parallel import unwrap
-
             head = unwrap(model).get_output_embeddings()
             return tiled_loss_sum(head, box["hidden"], targets, memory.tiled_loss_tokens), outputs
         outputs = model(**inputs)
@@ -252,3 +246,11 @@ def activation_estimate(recipe, config, act_bytes: int) -> dict[str, float]:
         logits += logit_tokens * V * act_bytes  # the lm_head output before the fp32 upcast
     offloaded = checkpoints if mem.offload_activations else 0.0
     return {"activations": layers_bytes + checkpoints - offloaded, "logits": logits, "offloaded_to_cpu": offloaded}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DeepSpeed's engine and peft's wrapper."""
+    m = getattr(model, "module", model)
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()
+    return m

@@ -407,6 +407,41 @@ class EvalSection(Section):
 
 
 # --------------------------------------------------------------------------- recipe
+# --------------------------------------------------------------------------- sequence parallelism
+SP_KEY = "memory.sequence_parallel"
+
+
+def check_heads(degree: int, heads: int, kv_heads: int, where: str = "model") -> None:
+    if heads % degree:
+        raise ValueError(f"{SP_KEY}: {degree} does not divide the {heads} attention heads of the {where} "
+                         f"(num_attention_heads); Ulysses gives every rank heads/{SP_KEY} whole heads")
+    if kv_heads % degree and degree % kv_heads:
+        raise ValueError(f"{SP_KEY}: {degree} and the {kv_heads} KV heads of the {where} (num_key_value_heads) "
+                         f"must divide one another (KV heads are split, or replicated when fewer than {SP_KEY})")
+
+
+def check_memory(recipe) -> None:
+    """What the recipe alone decides (called by the schema); raises ValueError naming the key."""
+    mem = recipe.memory
+    P = mem.sequence_parallel
+    if mem.offload_activations and not recipe.training.gradient_checkpointing:
+        raise ValueError("memory.offload_activations: offloads the activation checkpoints, so it needs "
+                         "training.gradient_checkpointing: true")
+    if P == 1:
+        return
+    if not recipe.deepspeed.config:
+        raise ValueError(f"{SP_KEY}: {P} needs DeepSpeed (Ulysses runs inside it) but deepspeed.config is null; "
+                         f"set deepspeed.config (e.g. recipes/deepspeed/zero2.json) or {SP_KEY}: 1")
+    T = recipe.data.seq_length or recipe.rope.target_length
+    if T is not None and T % P:
+        raise ValueError(f"{SP_KEY}: {P} does not divide the sequence length {T} "
+                         f"(data.seq_length or rope.target_length); every rank holds seq_length/{SP_KEY} tokens")
+    if recipe.model.config is not None:
+        cfg = recipe.model.config
+        heads = int(cfg.get("num_attention_heads", 32))
+        check_heads(P, heads, int(cfg.get("num_key_value_heads") or heads), "model.config")
+
+
 class Recipe(Section):
     #: finetune: extend a pretrained model; pretrain: train a model from its config.
     kind: Literal["finetune", "pretrain"] = "finetune"
@@ -432,9 +467,7 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _memory_fits(self):
-        from finetune.sequence_parallel import check_recipe
-
-        check_recipe(self)
+        check_memory(self)
         return self
 
     @field_validator("run_dir")

@@ -25,43 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from finetune.recipe import RecipeError
-
-KEY = "memory.sequence_parallel"
-
-
-# --------------------------------------------------------------------------- validation
-def check_heads(degree: int, heads: int, kv_heads: int, where: str = "model") -> None:
-    if heads % degree:
-        raise ValueError(f"{KEY}: {degree} does not divide the {heads} attention heads of the {where} "
-                         f"(num_attention_heads); Ulysses gives every rank heads/{KEY} whole heads")
-    if kv_heads % degree and degree % kv_heads:
-        raise ValueError(f"{KEY}: {degree} and the {kv_heads} KV heads of the {where} (num_key_value_heads) "
-                         f"must divide one another (KV heads are split, or replicated when fewer than {KEY})")
-
-
-def check_recipe(recipe) -> None:
-    """What the recipe alone decides (called by the schema); raises ValueError naming the key."""
-    mem = recipe.memory
-    P = mem.sequence_parallel
-    if mem.offload_activations and not recipe.training.gradient_checkpointing:
-        raise ValueError("memory.offload_activations: offloads the activation checkpoints, so it needs "
-                         "training.gradient_checkpointing: true")
-    if P == 1:
-        return
-    if not recipe.deepspeed.config:
-        raise ValueError(f"{KEY}: {P} needs DeepSpeed (Ulysses runs inside it) but deepspeed.config is null; "
-                         f"set deepspeed.config (e.g. recipes/deepspeed/zero2.json) or {KEY}: 1")
-    T = recipe.data.seq_length or recipe.rope.target_length
-    if T is not None and T % P:
-        raise ValueError(f"{KEY}: {P} does not divide the sequence length {T} "
-                         f"(data.seq_length or rope.target_length); every rank holds seq_length/{KEY} tokens")
-    if recipe.model.config is not None:
-        cfg = recipe.model.config
-        heads = int(cfg.get("num_attention_heads", 32))
-        check_heads(P, heads, int(cfg.get("num_key_value_heads") or heads), "model.config")
+from finetune.recipe import SP_KEY as KEY
+from finetune.recipe import RecipeError, check_heads
 
 
 def check_world(recipe, world_size: int, config=None) -> None:
@@ -122,14 +87,6 @@ def report() -> dict:
     return {"head_slice_calls": head_slice_calls()}
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DeepSpeed's engine and peft's wrapper."""
-    m = getattr(model, "module", model)
-    if hasattr(m, "get_base_model"):
-        m = m.get_base_model()
-    return m
-
-
 def zero3_gradient_factor(recipe) -> int:
     """P under ZeRO-3 with reduce-scatter (its default), else 1.
 
@@ -138,7 +95,7 @@ def zero3_gradient_factor(recipe) -> int:
     and ZeRO-3's all-reduce path divide by world / P): the gradient would be 1/P of the data's.
     Scaling what this rank back-propagates by P restores it (tests/test_train_sp.py compares the
     gradient norms of a ZeRO-3 degree-2 run with a degree-1 run)."""
-    from finetune.launch import deepspeed_config
+    from finetune.deepspeed_config import deepspeed_config
 
     P = recipe.memory.sequence_parallel
     zero = (deepspeed_config(recipe) or {}).get("zero_optimization", {})

@@ -65,7 +65,13 @@ def test_refresh_card_with_eval_results(exp, tmp_path):
         "skipped": {"needle": "why not"},
     }  # fmt: skip
     (run / "eval" / "results.json").write_text(json.dumps(results))
-    (run / "eval" / "summary.md").write_text("# Stale summary\n")  # the card is rendered from results.json
+    (run / "eval" / "summary.md").write_text("# Stale summary\n")  # the card uses eval's card section
+    card.refresh_card(run)  # an eval/ without its card section: the card says to rerun eval
+    assert "rerun `longtune eval`" in (run / "export" / "README.md").read_text()
+    from finetune.eval.output import card_section
+    from finetune.eval.suites import SUITES
+
+    (run / "eval" / card.CARD_SECTION).write_text(card_section(results, SUITES))  # what eval writes
     card.refresh_card(run)
     text = (run / "export" / "README.md").read_text()
     assert "## Evaluation" in text and "### Passkey retrieval" in text and "0.75 (3/4)" in text

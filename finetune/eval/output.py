@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from finetune import rundir
+from finetune.export.card import CARD_SECTION
 
 from . import report
 
@@ -71,6 +72,25 @@ def assemble(run_dir, cfg, table: dict, names: list[str], text, infos, notes, re
     }
 
 
+def card_section(results: dict, table: dict) -> str:
+    """The model card's Evaluation section (`eval/card.md`): each suite's section (figures are not
+    part of the export, so they are left out), the text it was measured on and the notes. Export
+    and push embed it as written, so the card shows what this eval measured."""
+    out = ["## Evaluation", "", f"`longtune eval`, {results['created']}, {results['environment']['device']}."]
+    models = results.get("models") or {}
+    out += ["", report.table(["model", "source", "max positions", "KV cache"],
+                             [[n, i.get("source"), i.get("max_position_embeddings"), i.get("kv_cache")]
+                              for n, i in models.items()])]  # fmt: skip
+    out += [f"- {n}" for n in [""] + list(results.get("model_notes") or []) if n]
+    for name, suite in table.items():
+        entry = results["suites"].get(name)
+        if entry is not None:
+            out += ["", f"### {suite.title}", "", suite.report(entry)]
+    for s, why in (results.get("skipped") or {}).items():
+        out.append(f"- {s} skipped: {why}")
+    return "\n".join(out) + "\n"
+
+
 def draw(results: dict, table: dict) -> dict[str, Path]:
     """Each suite's figure into a temporary folder (copied into eval/ by `write`)."""
     tmp = Path(tempfile.mkdtemp(prefix="longtune-eval-plots-"))
@@ -99,6 +119,7 @@ def write(results: dict, table: dict, out_dir: Path) -> None:
     files: dict[str, bytes | Path] = {
         "results.json": json.dumps(results, indent=2, default=str).encode(),
         "summary.md": report.summary_md(results, table).encode(),
+        CARD_SECTION: card_section(results, table).encode(),
     }
     files.update({p.name: p for p in figures.values()})
     try:

@@ -18,11 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import rundir
-
-
-class ExportError(RuntimeError):
-    """A run that cannot be exported; the message says which file and what to do."""
-
+from finetune.export.errors import ExportError
 
 __all__ = ["ExportError", "export_run", "main"]
 
@@ -276,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         out = export_run(a.run_dir, a.output, force=a.force, dtype=a.dtype, checkpoint=a.checkpoint,
                          max_shard_size=a.max_shard_size, overrides=a.overrides)  # fmt: skip
     except (ExportError, ValueError, FileNotFoundError) as e:
-        from finetune.cli import debug
+        from finetune.debug import debug
 
         if debug():
             raise

@@ -1,8 +1,8 @@
 """Model card (`README.md`) of an export: Hub metadata + what a user needs to run the model.
 
 Everything comes from the export directory itself (`config.json`, `kv_cache_config.json`,
-`longtune_export.json`) plus, when present, the run's `eval/results.json`, rendered here with
-the eval suites' own section writers. The card is written where it is rendered: by
+`longtune_export.json`) plus, when present, the section `longtune eval` rendered from its
+results next to them (`eval/card.md`, written by the eval suites' own section writers). The card is written where it is rendered: by
 `longtune export` and again by `longtune push` (`refresh_card`), so a pushed card shows the
 run's latest evaluation; `longtune eval` writes only under `eval/` and never touches the card.
 """
@@ -17,6 +17,9 @@ from typing import Any
 import yaml
 
 from kernels.patterns import TRAINING_ONLY
+
+#: The model-card section `longtune eval` writes into eval/ beside results.json.
+CARD_SECTION = "card.md"
 
 INFO_FILE = "longtune_export.json"
 PATTERN_NAMES = {
@@ -63,30 +66,13 @@ def _layout_lines(layout: dict | None) -> list[str]:
 
 
 def _eval_section(eval_dir: Path | None) -> list[str]:
-    """The run's `eval/results.json` as markdown: each suite's section (figures are not part of
-    the export, so they are left out), the text it was measured on and the notes."""
+    """The card section `longtune eval` rendered next to its results (`eval/card.md`)."""
     if eval_dir is None or not (eval_dir / "results.json").is_file():
         return []
-    try:
-        data = json.loads((eval_dir / "results.json").read_text())
-        from finetune.eval.report import table
-        from finetune.eval.suites import SUITES
-
-        out = ["## Evaluation", "", f"`longtune eval`, {data['created']}, {data['environment']['device']}."]
-        models = data.get("models") or {}
-        out += ["", table(["model", "source", "max positions", "KV cache"],
-                          [[n, i.get("source"), i.get("max_position_embeddings"), i.get("kv_cache")]
-                           for n, i in models.items()])]  # fmt: skip
-        out += [f"- {n}" for n in [""] + list(data.get("model_notes") or []) if n]
-        for name, suite in SUITES.items():
-            entry = data["suites"].get(name)
-            if entry is not None:
-                out += ["", f"### {suite.title}", "", suite.report(entry)]
-        for s, why in (data.get("skipped") or {}).items():
-            out.append(f"- {s} skipped: {why}")
-        return out + [""]
-    except Exception as e:  # noqa: BLE001 - a card without numbers beats no card; say why
-        return ["## Evaluation", "", f"`eval/results.json` could not be rendered ({type(e).__name__}: {e}).", ""]
+    section = eval_dir / CARD_SECTION
+    if not section.is_file():  # an eval/ from before the section was written
+        return ["## Evaluation", "", f"`{eval_dir}/results.json` has no `{CARD_SECTION}`: rerun `longtune eval`.", ""]
+    return section.read_text(encoding="utf-8").rstrip("\n").splitlines() + [""]
 
 
 def _kv_lines(kv: dict | None) -> list[str]:

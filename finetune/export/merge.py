@@ -38,7 +38,7 @@ ADAPTER_FILES = ("adapter_model.safetensors",)
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
 
 
-from finetune.export import ExportError
+from finetune.export.errors import ExportError
 from finetune.rundir import FINAL, MODEL_META, complete_checkpoints, resume_point
 
 

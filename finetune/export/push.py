@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PushError("--repo user/name is required (or set export.hub_repo in the recipe)")
         push(a.run_dir, repo, private=True if private is None else private, dry_run=a.dry_run)
     except (PushError, ValueError) as e:  # RecipeError is a ValueError
-        from finetune.cli import debug
+        from finetune.debug import debug
 
         if debug():
             raise

@@ -26,14 +26,15 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-START, END = "<!-- bench:long -->", "<!-- /bench:long -->"
+from kernels import benchdoc
+
+DOC = benchdoc.DOC
+START, END = benchdoc.markers("long")
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m-16k.yaml"
 VARIANTS = ("longtune", "longtune+memory", "peer")
 MEMORY_ON = ["memory.tiled_loss=true", "memory.tiled_mlp=true", "memory.offload_activations=true"]
@@ -161,7 +162,7 @@ def table(rows: list[dict], argv_text: str) -> str:
     import torch
 
     lines = [START, "## Long sequences: one SmolLM2-135M training step (`longtune bench long`)", "",
-             (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+             (f"Machine: {benchdoc.cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
              f"{platform.system()}. Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."),
              f"Command: `python -m finetune.long_bench {argv_text}`.", "",
              ("LoRA+ (r 8 on q/k/v/o, embeddings and norms trained), fp32, batch 1, gradient checkpointing, one "
@@ -187,13 +188,8 @@ def table(rows: list[dict], argv_text: str) -> str:
 
 
 def write_section(text: str, path: Path = DOC) -> None:
-    """Replace the bench:long section of docs/benchmarks.md (temp file + rename), keeping the others."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.DOTALL)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    """Replace the bench:long section of docs/benchmarks.md, keeping the others."""
+    benchdoc.write_section(text, "long", path)
 
 
 def main(argv=None) -> int:

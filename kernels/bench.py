@@ -15,7 +15,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import sys
 import threading
 import time
@@ -23,12 +22,12 @@ from pathlib import Path
 
 import torch
 
+from kernels import benchdoc
 from kernels.layout import attended_fraction
 from kernels.masks import build_context, resolve_spec
 from kernels.registry import run_backend
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-START, END = "<!-- bench:attention -->", "<!-- /bench:attention -->"
+START, END = benchdoc.markers("attention")
 HEADS, HEAD_DIM = 8, 64
 TARGETS = {("s2_attn", 8192): 2.5, ("sf_attn", 8192): 2.5, ("sink_window", 16384): 3.0}
 
@@ -141,15 +140,7 @@ def measure(step, device: str) -> tuple[float, float]:
 
 
 def machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = benchdoc.cpu_name()
     dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU {cpu}, {torch.get_num_threads()} torch threads"
     return f"{dev}; torch {torch.__version__}; {platform.system()}"
 
@@ -217,13 +208,9 @@ def table(rows, device: str, argv_text: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = DOC) -> None:
+def write_section(text: str, path: Path = benchdoc.DOC) -> None:
     """Replace the bench:attention section of docs/benchmarks.md, keeping every other section."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.DOTALL)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+    benchdoc.write_section(text, "attention", path)
 
 
 def main(argv=None) -> int:
@@ -241,7 +228,7 @@ def main(argv=None) -> int:
     text = table(rows, device, argv_text)
     if not args.no_write:
         write_section(text)
-        print(f"wrote {DOC}")
+        print(f"wrote {benchdoc.DOC}")
     return 0
 
 

@@ -22,15 +22,16 @@ import argparse
 import datetime as dt
 import inspect
 import platform
-import re
 import sys
 from fractions import Fraction
 from pathlib import Path
 
 import torch
 
-BENCH_MD = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench:kv -->", "<!-- /bench:kv -->"
+from kernels import benchdoc
+
+BENCH_MD = benchdoc.DOC
+BEGIN, END = benchdoc.markers("kv")
 
 
 def middle_full_layers(num_layers: int, fraction: float) -> list[int]:
@@ -110,25 +111,11 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.system()}"
+    return f"{benchdoc.cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.system()}"
 
 
 def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.DOTALL)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    benchdoc.write_section(f"{BEGIN}\n{body.rstrip()}\n{END}", "kv", path)
 
 
 def main(argv: list[str] | None = None) -> int:

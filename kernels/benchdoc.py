@@ -1,0 +1,42 @@
+"""docs/benchmarks.md is shared by every `longtune bench`: each bench owns one marked section
+(`<!-- bench:NAME -->` ... `<!-- /bench:NAME -->`) and rewrites only that, so the attention,
+KV-cache and long-sequence tables can be regenerated one at a time. One writer and one machine
+line for all of them; it lives beside the attention bench because `kernels` imports nothing of
+`finetune`, and the finetune benches may import kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+
+
+def write_section(block: str, name: str, path: Path = DOC) -> None:
+    """Replace the section `name` (the block holds its own markers) or append it; temp file + rename."""
+    start, end = markers(name)
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

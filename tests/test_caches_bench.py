@@ -47,3 +47,10 @@ def test_bench_model_dir_ratios_and_section(tmp_path):
         assert r["fraction"] == r["nbytes"] / full["nbytes"]
     text = md.read_text()
     assert attention in text and "old" not in text and "| decode tok/s | x full |" in text
+
+
+def test_max_tokens_skips_the_large_pairs():
+    i = TINY.index("--batch")
+    argv = TINY[:i] + TINY[i + 2:] + ["--batch", "1", "2", "--max-tokens", "40"]
+    rows = bench.run(argv)
+    assert {r["batch"] for r in rows} == {1}  # batch 2 x 40 tokens > 40: not measured

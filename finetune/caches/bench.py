@@ -141,6 +141,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
                    help="--model weights dtype")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes (rows of random tokens)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="skip (length, batch) pairs whose batch x length exceeds this (e.g. batch 4 at 16k on a CPU)")
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -208,9 +210,13 @@ def run(argv: list[str] | None = None) -> list[dict]:
         "sink": {"method": "sink", "window": W, "num_sink_tokens": s},
         "h2o": {"method": "h2o", "heavy": W // 2, "recent": W - W // 2, "num_sink_tokens": s},
     }
-    rows = []
+    rows, skipped = [], []
     for T in args.lengths:
         for B in args.batch:
+            if args.max_tokens and B * T > args.max_tokens:
+                skipped.append(f"batch {B} at {T}")
+                print(f"skipped batch {B} at {T}: {B * T} tokens > --max-tokens {args.max_tokens}", flush=True)
+                continue
             best: dict[str, dict] = {}
             for _ in range(args.repeat):  # methods interleaved; each keeps its best time
                 for method in methods:
@@ -269,6 +275,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
         f"Formula: F/L + (L-F)/L x (W+s)/T (hybrid), (W+s)/T (sink, H2O: every layer compressed). "
         f"x full: this method's tokens/s (prefill, decode) or peak prefill memory over the full cache's "
         f"at the same T and batch."
+        + (f" Not measured (--max-tokens {args.max_tokens}): {', '.join(skipped)}." if skipped else "")
     )
     body = "\n".join(
         [

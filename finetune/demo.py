@@ -92,9 +92,47 @@ def main(argv: list[str] | None = None) -> int:
         times[f"eval {hyb.name}"] = _run(f"eval {hyb.name}", _longtune("eval", hyb.run_dir, "--no-base"))
     total = time.time() - t_all
     summary = write_summary(runs, times, total)
+    write_readme_table(REPO / ext.run_dir / "eval" / "results.json", total)
     print("\n" + summary)
     print(f"\nresults: {', '.join(str(Path(r.run_dir) / 'eval') for r, _ in runs)}; summary: docs/demo.md")
     return 0
+
+
+#: README.md's demo table sits between these markers; `make demo` rewrites it from the run.
+README_START, README_END = "<!-- demo:table -->", "<!-- /demo:table -->"
+#: Columns of the README table: (results model name, header).
+README_MODELS = (("base", "base (trained at 256)"), ("interpolation-only", "interpolation only (x8)"),
+                 ("tuned", "SF-Attn + LoRA+"), ("longgen-hybrid", "LongGen hybrid"))  # fmt: skip
+
+
+def readme_table(results: dict, total: float) -> str:
+    """The README's perplexity table (LongLoRA protocol) from the SF-Attn run's eval/results.json."""
+    ppl = results["suites"]["perplexity"]["results"]
+    models = [(m, h) for m, h in README_MODELS if m in ppl]
+    lengths = sorted({int(L) for m, _ in models for L in ppl[m].get("longlora", {})})
+    lines = [(f"Measured by `make demo` on {results['created']} ({results['environment']['device']}; "
+              f"{total / 60:.1f} min for the demo itself):"), "",
+             "| context length | " + " | ".join(h for _, h in models) + " |",
+             "| ---: |" + " ---: |" * len(models)]  # fmt: skip
+    for L in lengths:
+        cells = [ppl[m]["longlora"].get(str(L), {}).get("ppl") for m, _ in models]
+        lines.append(f"| {L} | " + " | ".join("n/a" if c is None else f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def write_readme_table(results_json: Path, total: float, readme: Path = REPO / "README.md") -> None:
+    """Rewrite the README's demo table from the run, so its numbers are never typed by hand."""
+    if not results_json.is_file() or not readme.is_file():
+        return
+    import re
+
+    from finetune.rundir import atomic_write_text
+
+    text = readme.read_text()
+    block = f"{README_START}\n{readme_table(json.loads(results_json.read_text()), total)}\n{README_END}"
+    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.DOTALL)
+    if pattern.search(text):
+        atomic_write_text(readme, pattern.sub(lambda _: block, text))
 
 
 def write_summary(runs, times: dict[str, float], total: float) -> str:

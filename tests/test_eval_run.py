@@ -232,3 +232,24 @@ def test_cli_no_loadable_model_is_exit_2(run_dir, capsys):
     rc = main([str(run_dir), "--suites", "passkey", "--no-base", "eval.compare={}", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "no model could be loaded" in err and "`tuned`" in err and "Traceback" not in err
+
+
+def test_demo_writes_the_readme_table_from_results(tmp_path):
+    """The README's demo numbers are rewritten from the run's results.json, never typed by hand."""
+    import json as _json
+
+    from finetune import demo
+
+    results = {"created": "2026-11-29 18:00 UTC", "environment": {"device": "CPU (x86_64, 2 threads)"},
+               "suites": {"perplexity": {"results": {
+                   "base": {"longlora": {"256": {"ppl": 6.844}, "2048": {"ppl": 15.151}}},
+                   "tuned": {"longlora": {"256": {"ppl": 8.431}, "2048": {"ppl": 9.126}}}}}}}  # fmt: skip
+    res = tmp_path / "results.json"
+    res.write_text(_json.dumps(results))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{demo.README_START}\nold table\n{demo.README_END}\noutro\n")
+    demo.write_readme_table(res, 600.0, readme)
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert "| context length | base (trained at 256) | SF-Attn + LoRA+ |" in text
+    assert "| 256 | 6.84 | 8.43 |" in text and "| 2048 | 15.15 | 9.13 |" in text and "10.0 min" in text

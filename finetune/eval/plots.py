@@ -24,6 +24,19 @@ def _length_axis(ax, lengths) -> None:
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
+def _grid(ax, grid: list[list[float]], xticks, yticks, xlabel: str, title: str):
+    """A 0..1 heatmap with each cell's value written in it (NaN: "n/a"); returns the image."""
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+    ax.set_xticks(range(len(xticks)), xticks)
+    ax.set_yticks(range(len(yticks)), yticks)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7)
+    return im
+
+
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     fig.tight_layout()
@@ -101,15 +114,9 @@ def needle(results: dict, path: Path) -> Path | None:
     for ax, (model, grid) in zip(axes[0], results.items()):
         nan = float("nan")
         acc = [[nan if v is None else v for v in col] for col in zip(*grid["accuracy"])]  # rows: depth
-        im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
-        ax.set_xticks(range(len(grid["lengths"])), [str(L) for L in grid["lengths"]])
-        ax.set_yticks(range(len(grid["depths"])), [f"{d:.0%}" for d in grid["depths"]])
-        ax.set_xlabel("context length")
+        im = _grid(ax, acc, [str(L) for L in grid["lengths"]], [f"{d:.0%}" for d in grid["depths"]],
+                   "context length", f"needle: {model}")
         ax.set_ylabel("needle depth")
-        ax.set_title(f"needle: {model}")
-        for i, row in enumerate(acc):
-            for j, v in enumerate(row):
-                ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="accuracy")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -180,14 +187,7 @@ def ruler(results: dict, path: Path) -> Path | None:
                  for L in lengths] for t in g["tasks"]]  # fmt: skip
         grid.append([nan if (g["average"].get(L) or {}).get("score") is None else g["average"][L]["score"]
                      for L in lengths])  # fmt: skip
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
-        ax.set_xticks(range(len(lengths)), lengths)
-        ax.set_yticks(range(len(names)), names)
-        ax.set_xlabel("context length")
-        ax.set_title(f"RULER: {model}")
-        for i, row in enumerate(grid):
-            for j, v in enumerate(row):
-                ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7)
+        im = _grid(ax, grid, lengths, names, "context length", f"RULER: {model}")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="recall")
     fig.savefig(path, dpi=110)
     plt.close(fig)

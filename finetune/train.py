@@ -351,6 +351,25 @@ def main(argv: list[str] | None = None) -> None:
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    _leave()
+
+
+def _leave() -> None:
+    """End a finished rank without the interpreter's teardown.
+
+    Everything is written by now (final/, run.json, checkpoints, TensorBoard closed at train end).
+    Tearing down a process that still holds gloo/DeepSpeed communication threads occasionally
+    aborts ("terminate called without an active exception", SIGABRT) after a run that succeeded,
+    and the launcher then reports the whole run as failed: the process group is destroyed after
+    a last barrier, and the rank exits 0 directly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

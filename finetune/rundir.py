@@ -49,6 +49,12 @@ IDENTITY_SECTIONS = ("kind", "model", "rope", "attention", "hybrid", "lora", "da
 
 
 # --------------------------------------------------------------------------- atomic writes
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` through a temporary sibling and a rename."""
     return atomic_write_bytes(path, text.encode("utf-8"))
@@ -61,6 +67,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: the file gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -97,9 +104,7 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700: the folder gets the usual mode
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: the folder gets the usual mode
     try:
         yield tmp
         swap_in(tmp, out)

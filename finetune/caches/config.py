@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from finetune.recipe import KVCacheSection
+from finetune.rundir import atomic_write_text
 from kernels.layout import is_hybrid, sparse_layer_indices
 from kernels.masks import resolve_spec
 
@@ -172,11 +171,7 @@ def build(kv_section, model_config, where: str = "export.kv_cache") -> dict[str,
 
 def write(export_dir: str | Path, cfg: dict[str, Any]) -> Path:
     """Write `kv_cache_config.json` atomically (temp file + rename)."""
-    path = Path(export_dir) / FILE
-    tmp = path.with_name(f".{FILE}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(export_dir) / FILE, json.dumps(cfg, indent=2) + "\n")
 
 
 def read(model_dir: str | Path) -> dict[str, Any] | None:

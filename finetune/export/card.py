@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from finetune.rundir import atomic_write_text
 from kernels.patterns import TRAINING_ONLY
 
 #: The model-card section `longtune eval` writes into eval/ beside results.json.
@@ -220,11 +221,7 @@ def render(export_dir: str | Path, eval_dir: str | Path | None = None) -> str:
 
 def write_card(export_dir: str | Path, eval_dir: str | Path | None = None) -> Path:
     export_dir = Path(export_dir)
-    path = export_dir / "README.md"
-    tmp = export_dir / ".README.md.tmp"
-    tmp.write_text(render(export_dir, eval_dir))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(export_dir / "README.md", render(export_dir, eval_dir))
 
 
 def refresh_card(run_dir: str | Path, export_dir: str | Path | None = None) -> Path | None:

@@ -18,11 +18,14 @@ from transformers import TrainerCallback
 
 from finetune.recipe import Recipe, RecipeError, load_recipe
 from finetune.rundir import (
+    CHECKPOINT_PREFIX,
+    FINAL,
     MODEL_META,
     RUN_FILE,
     already_finished,
     base_fingerprint,
     check_run_dir,
+    final_dir,
     finished_message,
     identity_hash,
     new_model_id,
@@ -142,7 +145,7 @@ class CheckpointMeta(TrainerCallback):
 
     def on_save(self, args, state, control, **kw):
         if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            ckpt = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
             if ckpt.is_dir():
                 write_json(ckpt / MODEL_META, model_meta_dict(self.recipe, self.base_config, state.global_step))
 
@@ -151,8 +154,8 @@ def save_final(trainer, model, recipe: Recipe, tokenizer, base_config) -> Path:
     """`final/`: the adapter (or full weights), tokenizer, longtune_model.json, and the base
     weights when the base cannot be reloaded from a path (inline config, pretrain)."""
     run_dir = Path(recipe.run_dir)
-    final = run_dir / "final"
-    tmp = run_dir / "final.tmp"
+    final = final_dir(run_dir)
+    tmp = run_dir / f"{FINAL}.tmp"
     if trainer.args.should_save:
         shutil.rmtree(tmp, ignore_errors=True)
     if base_reference(recipe) == "base":
@@ -242,7 +245,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     if done is not None:
         if rank == 0:
             print(finished_message(recipe, done), flush=True)
-        return Path(recipe.run_dir) / "final"
+        return final_dir(recipe.run_dir)
     if rank == 0:
         write_resolved(recipe)
     if not is_prepared(recipe):

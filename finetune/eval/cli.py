@@ -13,6 +13,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from finetune import rundir
+
 from .errors import EvalError
 from .runner import SUITES, run_eval
 
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_intermixed_args(argv)
     run_dir = Path(args.run_dir)
-    rfile = Path(args.recipe) if args.recipe else run_dir / "recipe.yaml"
+    rfile = Path(args.recipe) if args.recipe else rundir.recipe_file(run_dir)
     try:
         if not rfile.is_file():
             raise EvalError(f"{rfile} not found: is {run_dir} a run directory? (or pass --recipe FILE)")

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from finetune import rundir
+
 from . import output, report
 from .errors import EvalError
 from .suites import SUITES as SUITE_TABLE
@@ -117,17 +119,15 @@ def _load_any(ref: str, run_dir: Path) -> tuple[Any, Any, dict]:
 
 
 def tuned_path(run_dir: Path, recipe) -> Path:
-    cands = [run_dir / "export"]
+    cands = [rundir.default_export_dir(run_dir)]
     if recipe is not None and recipe.export.output_dir:
         cands.insert(0, Path(recipe.export.output_dir))
-    cands.append(run_dir / "final")
+    cands.append(rundir.final_dir(run_dir))
     for c in cands:
-        if (c / "config.json").is_file() or (c / "longtune_model.json").is_file():
-            from finetune.rundir import export_staleness, stale_message
-
-            stale = export_staleness(c, run_dir)  # None for final/ (no longtune_export.json)
+        if rundir.is_model_dir(c):
+            stale = rundir.export_staleness(c, run_dir)  # None for final/ (no longtune_export.json)
             if stale:
-                raise EvalError(stale_message(stale, run_dir))
+                raise EvalError(rundir.stale_message(stale, run_dir))
             return c
     raise EvalError(
         f"{run_dir} has no exported model (export/config.json) and no trained final/ "
@@ -139,8 +139,8 @@ def base_ref(run_dir: Path, recipe) -> tuple[str | None, str | None]:
     """(where the base weights are, None) or (None, why there is no base to compare)."""
     if recipe is not None and recipe.kind == "pretrain":
         return None, "pretrain run: its base is a random initialisation"
-    final = run_dir / "final"
-    meta_file = final / "longtune_model.json"
+    final = rundir.final_dir(run_dir)
+    meta_file = final / rundir.MODEL_META
     if meta_file.is_file():
         try:
             meta = json.loads(meta_file.read_text())
@@ -149,7 +149,7 @@ def base_ref(run_dir: Path, recipe) -> tuple[str | None, str | None]:
             return base_location(final, str(meta["base_model"])), None
         except Exception as e:  # noqa: BLE001
             return None, f"cannot locate the base model named by {meta_file}: {e}"
-    run_json = run_dir / "run.json"
+    run_json = run_dir / rundir.RUN_FILE
     if run_json.is_file():
         try:
             b = json.loads(run_json.read_text()).get("base_model")
@@ -248,7 +248,7 @@ def run_eval(run_dir, recipe=None, models: dict | None = None, progress: bool = 
 
     run_dir = Path(run_dir)
     if recipe is None:
-        f = run_dir / "recipe.yaml"
+        f = rundir.recipe_file(run_dir)
         if not f.is_file():
             raise EvalError(f"{f} not found: is {run_dir} a run directory? (or pass a recipe)")
         recipe = load_recipe(f)

@@ -86,7 +86,7 @@ def _tokenizer(run, recipe):
     """The tokenizer train saved in final/ (or the checkpoint), else the recipe's."""
     from transformers import AutoTokenizer
 
-    for d in (run.source, run.run_dir / "final"):
+    for d in (run.source, rundir.final_dir(run.run_dir)):
         if (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file():
             return AutoTokenizer.from_pretrained(str(d))
     if recipe is not None:

@@ -16,13 +16,13 @@ from typing import Any
 
 import yaml
 
-from finetune.rundir import atomic_write_text
+from finetune.rundir import EXPORT_INFO, atomic_write_text, default_export_dir
 from kernels.patterns import TRAINING_ONLY
 
 #: The model-card section `longtune eval` writes into eval/ beside results.json.
 CARD_SECTION = "card.md"
 
-INFO_FILE = "longtune_export.json"
+INFO_FILE = EXPORT_INFO
 PATTERN_NAMES = {
     "causal": "full causal attention",
     "sf_attn": "SF-Attn (SinkLoRA: shifted groups with segmentation/reassembly + sink tokens)",
@@ -231,7 +231,7 @@ def refresh_card(run_dir: str | Path, export_dir: str | Path | None = None) -> P
     Returns the card's path, or None when the run has no export yet.
     """
     run_dir = Path(run_dir)
-    export_dir = Path(export_dir) if export_dir else run_dir / "export"
+    export_dir = Path(export_dir) if export_dir else default_export_dir(run_dir)
     if not (export_dir / "config.json").is_file():
         return None
     eval_dir = run_dir / "eval"

@@ -39,7 +39,7 @@ PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
 
 
 from finetune.export.errors import ExportError
-from finetune.rundir import FINAL, MODEL_META, complete_checkpoints, resume_point
+from finetune.rundir import FINAL, MODEL_META, complete_checkpoints, final_dir, resume_point
 
 
 @dataclass
@@ -327,7 +327,7 @@ def load_merged(run_dir: str | Path, checkpoint: bool | str | Path = False, dtyp
     if (run_dir / MODEL_META).is_file():  # given final/ itself
         final, run_dir = run_dir, run_dir.parent
     else:
-        final = run_dir / "final"
+        final = final_dir(run_dir)
     source = final
     if checkpoint:
         source = newest_checkpoint(run_dir) if checkpoint is True else Path(checkpoint)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from finetune.recipe import RECIPES_DIR, load_recipe
+from finetune.rundir import final_dir
 
 REPO = RECIPES_DIR.parent
 DEMO = RECIPES_DIR / "demo"
@@ -67,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(REPO / root, ignore_errors=True)
     times: dict[str, float] = {}
     t_all = time.time()
-    if not (REPO / pre.run_dir / "final").is_dir():
+    if not final_dir(REPO / pre.run_dir).is_dir():
         times["pretrain (256 tokens)"] = _run("pretrain", _longtune("train", str(DEMO / "pretrain.yaml")))
-    interpolation_only(REPO / pre.run_dir / "final", REPO / root / "interpolation-only", ext.rope.target_length)
+    interpolation_only(final_dir(REPO / pre.run_dir), REPO / root / "interpolation-only", ext.rope.target_length)
     pi_dir = root / "interpolation-only"  # relative to the repo (the commands run there)
     runs = [(ext, DEMO / "extend-sfattn.yaml")]
     if not a.skip_hybrid:
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     fresh_base = ["overwrite=true"] if "pretrain (256 tokens)" in times else []
     for r, path in runs:
         name = r.name
-        if fresh_base or not (REPO / r.run_dir / "final").is_dir():
+        if fresh_base or not final_dir(REPO / r.run_dir).is_dir():
             times[f"train {name}"] = _run(f"train {name}", _longtune("train", str(path), *fresh_base))
         times[f"export {name}"] = _run(f"export {name}", _longtune("export", r.run_dir, "--force"))
     # One comparison table: the SF-Attn run against base, interpolation-only and the hybrid;

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.deepspeed_config import deepspeed_config, find_file, zero_stage  # noqa: F401 (public names)
+from finetune.deepspeed_config import deepspeed_config, find_file, release_cpu_comm_buffers, zero_stage  # noqa: F401 (public names)
 from finetune.recipe import Recipe, RecipeError, load_recipe
 from finetune.rundir import already_finished, check_run_dir, finished_message, write_resolved
 
@@ -135,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("[longtune] " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=env)
+    try:
+        return subprocess.call(cmd, env=env)
+    finally:
+        if env.get("DS_ACCELERATOR") == "cpu":  # ranks that crashed never reached _leave
+            release_cpu_comm_buffers(port=recipe.deepspeed.master_port, rank="*")
 
 
 if __name__ == "__main__":

@@ -370,6 +370,9 @@ def _leave() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        from finetune.deepspeed_config import release_cpu_comm_buffers
+
+        release_cpu_comm_buffers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

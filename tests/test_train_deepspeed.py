@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from finetune.deepspeed_config import cpu_comm_buffers, release_cpu_comm_buffers
 from finetune.recipe import RecipeError, validate
 from finetune.train import check_run_dir
 
@@ -84,6 +85,9 @@ def launch(recipe: Path, *args: str) -> subprocess.CompletedProcess:
         p = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if p.returncode != 0:
         raise AssertionError(f"train failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+    port = yaml.safe_load(recipe.read_text())["deepspeed"].get("master_port")
+    if port is not None:  # DeepSpeed's CPU all-reduce segments in /dev/shm (RAM) are gone with the run
+        assert not cpu_comm_buffers(port), f"leftover shared memory: {cpu_comm_buffers(port)}"
     return p
 
 
@@ -205,3 +209,19 @@ def test_run_dir_of_another_recipe_is_refused(zero2_run):
     assert not list((zero2_run / "full").glob("checkpoint-*"))
     for gone in ("final", "export", "eval", "run.json", "logs"):
         assert not (zero2_run / "full" / gone).exists(), gone
+
+
+def test_release_cpu_comm_buffers_only_this_runs(monkeypatch, tmp_path):
+    """Only the segments of this port (and rank, for a rank) go; another run's stay."""
+    import finetune.deepspeed_config as dc
+
+    monkeypatch.setattr(dc, "SHM_DIR", tmp_path)
+    uid = os.getuid()
+    names = [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_{port}_{rank}" for port in (29500, 29501) for rank in (0, 1)]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("RANK", "1")
+    assert [p.name for p in release_cpu_comm_buffers()] == [names[1]]
+    assert [p.name for p in release_cpu_comm_buffers(port=29500, rank="*")] == [names[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names[2:]

@@ -212,7 +212,8 @@ def test_flash_matches_dense_gpu(spec_name, ctx_name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_flex_compiled_gpu_with_grad():
+def test_flex_compiled_gpu_with_grad(monkeypatch):
+    monkeypatch.setenv("LONGTUNE_FLEX_COMPILE", "1")  # this module turns compiling off for the CPU tests
     B, L = 1, 256
     spec = resolve_spec(SPECS["block"])
     ctx = build_context(B, L, L, "cuda")

@@ -167,6 +167,12 @@ def kv_table(kv: dict | None) -> list[str]:
         lines.append(f"| {r['method']} | {r['T']} | {r['batch']} | {r['nbytes'] / 2**20:.1f} | {r['fraction']:.3f} "
                      f"| {r['prefill_tokens_per_s']:.0f} | {fx(r.get('prefill_x'))} | {peak} "
                      f"| {fx(r.get('memory_x'))} | {r['decode_tokens_per_s']:.1f} | {fx(r.get('decode_x'))} |")
+    kernels = {}
+    for r in kv["rows"]:
+        kernels.setdefault(r["method"], r.get("prefill_kernels"))
+    if any(kernels.values()):
+        lines += ["", "Prefill attention calls (pattern/backend): " + "; ".join(
+            f"{m}: {', '.join(f'{k} {n}' for k, n in ks.items())}" for m, ks in kernels.items() if ks) + "."]
     return lines
 
 

@@ -50,7 +50,7 @@ def _folder(tmp_path, with_kv=True):
 def test_targets_met_and_missed(tmp_path):
     text = section(_folder(tmp_path))
     lines = text.splitlines()
-    row = lambda start: next(line for line in lines if line.startswith(start))  # noqa: E731
+    row = lambda start: next(line for line in lines if line.startswith(start))
     # the best SF backend counts, the other is shown beside it
     assert row("| SF-Attn fwd+bwd") == ("| SF-Attn fwd+bwd vs full causal SDPA at 32k | >= 3.5x | "
                                         "4.00x (sdpa_groups; flex 2.50x) | met |")  # fmt: skip

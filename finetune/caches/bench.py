@@ -76,7 +76,11 @@ def run_one(model, cache, T: int, decode: int, vocab: int, batch: int = 1, seed:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, T), generator=g).to(device)
     kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    from kernels.registry import kernel_calls, reset_kernel_calls
+
+    reset_kernel_calls()
     out, prefill, peak = timed_peak(lambda: model(input_ids=ids, cache=cache, use_cache=True, **kw), device, clock)
+    prefill_kernels = {f"{p}/{b}": n for (p, b), n in sorted(kernel_calls().items())}
     nxt = out.logits[:, -1:].argmax(-1)
     del out
     sync(device)
@@ -95,6 +99,7 @@ def run_one(model, cache, T: int, decode: int, vocab: int, batch: int = 1, seed:
         "peak_prefill_bytes": peak,
         "decode_s": per_tok,
         "decode_tokens_per_s": batch / per_tok if per_tok > 0 else float("nan"),
+        "prefill_kernels": prefill_kernels,  # the attention calls of the prefill (pattern/backend)
     }
 
 

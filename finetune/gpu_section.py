@@ -73,7 +73,7 @@ def attention_targets(att: dict | None) -> list[str]:
     got = [r for r in rows if r.get("speedup")]
     if not got:
         why = "; ".join(f"{r['backend']}: {r['error']}" for r in rows if "error" in r) or "no row"
-        return [f"| {what} | >= {target}x | not measured ({why}) | **missed** |"]
+        return [f"| {what} | >= {target}x | not measured ({why}) | **not measured** |"]
     best = max(got, key=lambda r: r["speedup"])
     others = ", ".join(f"{r['backend']} {r['speedup']:.2f}x" for r in got if r is not best)
     measured = f"{best['speedup']:.2f}x ({best['backend']}{'; ' + others if others else ''})"
@@ -88,7 +88,7 @@ def kv_targets(kv: dict | None) -> list[str]:
         what = f"hybrid {label} tokens/s vs full, {n0 // 1024}k+"
         got = [r for r in rows if r["T"] >= n0 and r.get(key)]
         if not got:
-            lines.append(f"| {what} | >= {target}x | not measured | **missed** |")
+            lines.append(f"| {what} | >= {target}x | not measured | **not measured** |")
             continue
         measured = ", ".join(f"{r[key]:.2f}x at {r['T']} (batch {r['batch']})" for r in got)
         worst = min(r[key] for r in got)
@@ -105,7 +105,7 @@ def train_targets(ts: dict | None) -> list[str]:
     got = [(r, full[r["length"]] / r["seconds"]) for r in rows
            if r["variant"].startswith("sf_attn") and r["length"] >= n0 and r["length"] in full]
     if not got:
-        return [f"| {what} | >= {target}x | not measured | **missed** |"]
+        return [f"| {what} | >= {target}x | not measured | **not measured** |"]
     lines = []
     for variant in dict.fromkeys(r["variant"] for r, _ in got):
         mine = [(r, x) for r, x in got if r["variant"] == variant]

@@ -77,7 +77,7 @@ def test_missing_part_is_not_measured_and_other_sections_stay(tmp_path):
     assert main([str(d), "--output", str(doc)]) == 0
     text = doc.read_text()
     assert "old kv" in text and "\nold\n" not in text
-    assert "| hybrid prefill tokens/s vs full, 32k+ | >= 1.67x | not measured | **missed** |" in text
+    assert "| hybrid prefill tokens/s vs full, 32k+ | >= 1.67x | not measured | **not measured** |" in text
     assert "Not measured (no kv.json)." in text
     assert text.count("<!-- bench:gpu -->") == 1
     assert main([str(tmp_path / "nope"), "--output", str(doc)]) == 2

@@ -1,9 +1,11 @@
 """The GPU section of docs/benchmarks.md, written from what scripts/gpu_check.sh left in its folder.
 
-    python -m finetune.gpu_section DIR [--output docs/benchmarks.md]
+    python -m finetune.gpu_section DIR [DIR2 ...] [--output docs/benchmarks.md]
 
 DIR holds env.txt, status.txt, gpu_tests.txt, attention.json, train_step.json and kv.json (any may
-be missing: a part that did not run is reported as not measured). The section (`bench:gpu`)
+be missing: a part that did not run is reported as not measured). With several folders (a first
+run, then a rerun of some of its parts with PARTS=...) each file is read from the last folder
+that has it, and status lines part by part. The section (`bench:gpu`)
 states the machine and date, the `pytest -m gpu` result, each measured ratio next to its target
 (met or missed, nothing rounded up), then the three tables. It is written with the shared section
 writer (kernels/benchdoc.py): the other sections of the file stay as they are.
@@ -192,11 +194,19 @@ def train_table(ts: dict | None) -> list[str]:
             *table_rows(ts["rows"])]
 
 
-def section(folder: Path) -> str:
-    env = _env(folder / "env.txt")
-    status = _status(folder / "status.txt")
-    att, kv, ts = (_load(folder / f) for f in ("attention.json", "kv.json", "train_step.json"))
-    summary, failed = tests_line(folder / "gpu_tests.txt")
+def section(folders: Path | list[Path]) -> str:
+    folders = [folders] if isinstance(folders, Path) else list(folders)
+
+    def at(name: str) -> Path:
+        """The file from the last folder that has it (a rerun's parts replace the first run's)."""
+        return next((f / name for f in reversed(folders) if (f / name).exists()), folders[-1] / name)
+
+    env = _env(at("env.txt"))
+    status = {}
+    for f in folders:  # a rerun's status lines replace the first run's, part by part
+        status.update(_status(f / "status.txt"))
+    att, kv, ts = (_load(at(f)) for f in ("attention.json", "kv.json", "train_step.json"))
+    summary, failed = tests_line(at("gpu_tests.txt"))
     machine = env.get("gpu") or (att or ts or kv or {}).get("machine", "unknown")
     smoke = env.get("mode") == "smoke" or not env.get("cuda", "").startswith("True")
     start, end = benchdoc.markers(NAME)
@@ -231,13 +241,15 @@ def section(folder: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m finetune.gpu_section", description=__doc__.split("\n\n")[0])
-    ap.add_argument("folder", type=Path, help="the folder scripts/gpu_check.sh wrote ($OUT)")
+    ap.add_argument("folders", type=Path, nargs="+",
+                    help="the folder scripts/gpu_check.sh wrote ($OUT); a rerun's folder after it")
     ap.add_argument("--output", type=Path, default=benchdoc.DOC, help="markdown file whose bench:gpu section is rewritten")
     args = ap.parse_args(argv)
-    if not args.folder.is_dir():
-        print(f"error: {args.folder}: not a folder (the $OUT of scripts/gpu_check.sh)", file=sys.stderr)
-        return 2
-    text = section(args.folder)
+    for folder in args.folders:
+        if not folder.is_dir():
+            print(f"error: {folder}: not a folder (the $OUT of scripts/gpu_check.sh)", file=sys.stderr)
+            return 2
+    text = section(args.folders)
     benchdoc.write_section(text, NAME, args.output)
     print(text)
     print(f"wrote the bench:{NAME} section of {args.output}")

@@ -9,8 +9,8 @@ import json
 from finetune.gpu_section import main, section
 
 
-def _folder(tmp_path, with_kv=True):
-    d = tmp_path / "out"
+def _folder(tmp_path, with_kv=True, name="out"):
+    d = tmp_path / name
     d.mkdir()
     (d / "env.txt").write_text("date: 2026-11-30 10:00 UTC\nmode: full\ngpu: NVIDIA H200, 143771 MiB, 580.1\n"
                                "cpus: 16\npython: 3.12.3\ntorch: 2.11.0+cu130\ntriton: 3.6.0\n"
@@ -81,3 +81,20 @@ def test_missing_part_is_not_measured_and_other_sections_stay(tmp_path):
     assert "Not measured (no kv.json)." in text
     assert text.count("<!-- bench:gpu -->") == 1
     assert main([str(tmp_path / "nope"), "--output", str(doc)]) == 2
+
+
+def test_a_rerun_folder_replaces_its_parts(tmp_path):
+    first = _folder(tmp_path, with_kv=False)
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    (rerun / "status.txt").write_text("kv 0 40\n")
+    kv = [{"method": "full", "T": 32800, "batch": 1, "nbytes": 2**20, "fraction": 1.0, "prefill_tokens_per_s": 1.0,
+           "prefill_x": 1.0, "decode_tokens_per_s": 1.0, "decode_x": 1.0},
+          {"method": "hybrid", "T": 32800, "batch": 1, "nbytes": 2**19, "fraction": 0.5, "prefill_tokens_per_s": 1.0,
+           "prefill_x": 1.5, "decode_tokens_per_s": 1.0, "decode_x": 1.5}]  # fmt: skip
+    (rerun / "kv.json").write_text(json.dumps({"model": "Random Llama", "decode": 32, "rows": kv}))
+    text = section([first, rerun])
+    assert "| hybrid prefill tokens/s vs full, 32k+ | >= 1.67x | 1.50x at 32800 (batch 1) | **missed** |" in text
+    assert "| hybrid decode tokens/s vs full, 32k+ | >= 1.41x | 1.50x at 32800 (batch 1) | met |" in text
+    assert "kv exit 0, 40 s" in text and "kv exit 1" not in text and "tests exit 0, 61 s" in text
+    assert "4.00x (sdpa_groups" in text  # the first run's attention rows stay

@@ -59,6 +59,7 @@ def _create_block_mask(device):
         return create_block_mask
     if _COMPILED_BLOCK_MASK is None:
         _COMPILED_BLOCK_MASK = torch.compile(create_block_mask)
+        _raise_recompile_limit(64)  # one compile per pattern and length (the same limit as flex's)
     return _COMPILED_BLOCK_MASK
 
 

@@ -16,8 +16,10 @@ ARGS ?=
 REPO ?=
 PRIVATE ?=
 LONG_ARGS ?=
+OUT ?= runs/gpu-check
+GPU_PY ?= python3
 
-.PHONY: setup test demo train prepare export eval push bench dry-run lint clean
+.PHONY: setup test demo train prepare export eval push bench dry-run lint clean gpu-check gpu-doc
 
 setup: $(STAMP)
 
@@ -68,6 +70,16 @@ bench: $(STAMP)
 	$(PY) -m finetune.cli bench attention $(ARGS)
 	$(PY) -m finetune.cli bench kv $(ARGS)
 	$(PY) -m finetune.cli bench long $(LONG_ARGS)
+
+# The GPU check (docs/benchmarks.md, "GPU check"): no venv needed, it runs under the machine's own
+# python (GPU_PY, default python3) with wheels carried in .whl/; SMOKE=1 tries every part at tiny
+# sizes on a CPU (GPU_PY=.venv/bin/python there).
+gpu-check:
+	OUT=$(OUT) PY=$(GPU_PY) bash scripts/gpu_check.sh $(if $(filter 1 true yes,$(SMOKE)),--smoke)
+
+# Writes the bench:gpu section of docs/benchmarks.md from a gpu-check folder (OUT=...).
+gpu-doc: $(STAMP)
+	$(PY) -m finetune.gpu_section $(OUT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check finetune data_prep kernels tests

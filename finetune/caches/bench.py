@@ -76,7 +76,11 @@ def run_one(model, cache, T: int, decode: int, vocab: int, batch: int = 1, seed:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, T), generator=g).to(device)
     kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    from kernels.registry import kernel_calls, reset_kernel_calls
+
+    reset_kernel_calls()
     out, prefill, peak = timed_peak(lambda: model(input_ids=ids, cache=cache, use_cache=True, **kw), device, clock)
+    prefill_kernels = {f"{p}/{b}": n for (p, b), n in sorted(kernel_calls().items())}
     nxt = out.logits[:, -1:].argmax(-1)
     del out
     sync(device)
@@ -95,6 +99,7 @@ def run_one(model, cache, T: int, decode: int, vocab: int, batch: int = 1, seed:
         "peak_prefill_bytes": peak,
         "decode_s": per_tok,
         "decode_tokens_per_s": batch / per_tok if per_tok > 0 else float("nan"),
+        "prefill_kernels": prefill_kernels,  # the attention calls of the prefill (pattern/backend)
     }
 
 
@@ -138,7 +143,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--model", default=None,
                    help="run dir, export dir or smollm2-135m (default: a random Llama of the shape below)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="--model weights dtype")
+                   help="weights dtype (--model or the random Llama)")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes (rows of random tokens)")
     p.add_argument("--max-tokens", type=int, default=None,
@@ -160,6 +165,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", type=Path, default=BENCH_MD)
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the rows measured so far (after each length and batch) as JSON")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = p.parse_args(argv)
     if min(args.lengths) < 1 or min(args.batch) < 1 or args.decode < 1 or args.repeat < 1:
@@ -198,10 +205,12 @@ def run(argv: list[str] | None = None) -> list[dict]:
             num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=vocab,
             max_position_embeddings=max(args.lengths) + args.decode + 8,
         )  # fmt: skip
-        model = LlamaForCausalLM(cfg).eval().to(args.device)
+        with torch.device(args.device):  # initialised where it runs (a 1B model: seconds, not a minute)
+            model = LlamaForCausalLM(cfg)
+        model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
         hybrid_model, base_layout = False, causal_layout(L)
         what = (f"Random Llama, {L} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV heads, "
-                f"fp32; hybrid: full layers {full_idx[0]}..{full_idx[-1]} (F={len(full_idx)}), the rest "
+                f"{args.dtype}; hybrid: full layers {full_idx[0]}..{full_idx[-1]} (F={len(full_idx)}), the rest "
                 f"sink_window W={W}, s={s}")  # fmt: skip
     F = len(full_idx) if "hybrid" in methods or hybrid_model else L
     kv_configs = {
@@ -253,6 +262,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
                     f"peak {_mib(r['peak_prefill_bytes'])} MiB  decode {r['decode_tokens_per_s']:8.2f} tok/s",
                     flush=True,
                 )
+            if args.json is not None:
+                _write_json(args.json, with_ratios(rows), what, W, s, args)
     with_ratios(rows)
     table = [
         (
@@ -300,6 +311,21 @@ def run(argv: list[str] | None = None) -> list[dict]:
         write_section(args.output, body)
         print(f"\nwrote the bench:kv section of {args.output}")
     return rows
+
+
+def _write_json(path: Path, rows: list[dict], what: str, W: int, s: int, args) -> None:
+    """Rows so far + what was measured (temp file + rename: a run cut short leaves a whole file)."""
+    import json
+    import os
+
+    dev = torch.device(args.device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else benchdoc.cpu_name()
+    data = {"machine": f"{name}, torch {torch.__version__}", "model": what, "window": W, "sinks": s,
+            "decode": args.decode, "clock": args.clock, "rows": rows,
+            "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
 
 
 def _mib(n: int | None) -> str:

@@ -17,7 +17,7 @@ REPO ?=
 PRIVATE ?=
 LONG_ARGS ?=
 
-.PHONY: setup test demo train prepare export eval push bench dry-run lint clean
+.PHONY: setup test demo ablation train prepare export eval push bench dry-run lint clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m finetune.demo
+
+# The six-row ablation on the demo's base (docs/ablation.md); reuses `make demo`'s runs.
+ablation: $(STAMP)
+	$(PY) -m finetune.ablation $(ARGS)
 
 prepare: $(STAMP)
 	$(PY) -m finetune.cli prepare $(RECIPE) $(ARGS)

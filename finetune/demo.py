@@ -118,7 +118,38 @@ def readme_table(results: dict, total: float) -> str:
     for L in lengths:
         cells = [ppl[m]["longlora"].get(str(L), {}).get("ppl") for m, _ in models]
         lines.append(f"| {L} | " + " | ".join("n/a" if c is None else f"{c:.2f}" for c in cells) + " |")
+    retrieval = retrieval_rows(results, [m for m, _ in models])
+    if retrieval:
+        lines += ["", "Retrieval (held-out keys; passkey: exact 5-digit key, needle: 7-digit number, mean over depths):",
+                  "", "| task, context length | " + " | ".join(h for _, h in models) + " |",
+                  "| --- |" + " ---: |" * len(models), *retrieval]  # fmt: skip
     return "\n".join(lines)
+
+
+def retrieval_rows(results: dict, models: list[str]) -> list[str]:
+    """Table rows `| passkey 2048 | 90% | ... |` from the passkey and needle suites (n/a where
+    a length cannot hold the prompt or the suite did not run)."""
+    suites = results["suites"]
+    out = []
+    for suite in ("passkey", "needle"):
+        res = (suites.get(suite) or {}).get("results") or {}
+        if not res:
+            continue
+        acc: dict[str, dict[str, float | None]] = {}
+        for m in models:
+            r = res.get(m)
+            if r is None:
+                continue
+            if suite == "passkey":
+                acc[m] = {L: v.get("accuracy") for L, v in r.items()}
+            else:
+                acc[m] = {str(L): (None if any(a is None for a in row) else sum(row) / len(row))
+                          for L, row in zip(r["lengths"], r["accuracy"])}  # fmt: skip
+        lengths = sorted({L for a in acc.values() for L in a}, key=int)
+        for L in lengths:
+            cells = [acc.get(m, {}).get(L) for m in models]
+            out.append(f"| {suite} {L} | " + " | ".join("n/a" if c is None else f"{c:.0%}" for c in cells) + " |")
+    return out
 
 
 def write_readme_table(results_json: Path, total: float, readme: Path = REPO / "README.md") -> None:

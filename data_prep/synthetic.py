@@ -43,7 +43,7 @@ _PLACES = ("before dawn", "by the river", "in the market square", "near the old 
            "under the bridge", "while the bells ring", "in the long evening", "by the north gate")  # fmt: skip
 
 #: Fewest characters a document of each format needs (the question, the key line, one filler).
-MIN_CHARS = {"passkey": 200, "needle": 230}
+MIN_CHARS = {"passkey": 110, "needle": 215}
 
 
 def haystack_sentence(rng: random.Random) -> str:
@@ -63,10 +63,10 @@ def passkey_document(chars: int, key: str, rng: random.Random) -> tuple[str, flo
     if len(head) + len(info) + len(tail) + len(filler) > chars:
         head = ""  # a short document (the base's 256 tokens) has room for the key, not the task text
     n = (chars - len(head) - len(info) - len(tail)) // len(filler)
-    if n < 1:
+    if n < 0:
         raise ValueError(f"{chars} characters are too few for a passkey document")
-    k = rng.randint(0, n)
-    return head + filler * k + info + filler * (n - k) + tail, k / n
+    k = rng.randint(0, n)  # n = 0: the key line right before the question (the shortest distance)
+    return head + filler * k + info + filler * (n - k) + tail, (k / n if n else 1.0)
 
 
 def needle_document(chars: int, value: str, rng: random.Random) -> tuple[str, float]:

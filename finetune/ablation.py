@@ -81,16 +81,31 @@ def run_row(row: Row, seed: int, times: dict[str, float]) -> Path:
         overrides.append(f"training.seed={seed}")
     if rd == Path(row.demo_run or "-"):
         overrides = []  # the demo's run, as the demo made it
-    if not final_dir(REPO / rd).is_dir():
+    base = _mtime(final_dir(REPO / BASE_RUN))
+    if not final_dir(REPO / rd).is_dir() or _mtime(REPO / rd / "run.json") < base:
+        # a run extended from an older base is redone, never mixed with this base's rows
+        stale = ["overwrite=true"] if final_dir(REPO / rd).is_dir() else []
         times[f"train {row.name} seed {seed}"] = _run(
-            f"train {row.name} seed {seed}", _longtune("train", str(DEMO / row.recipe), *overrides)
+            f"train {row.name} seed {seed}", _longtune("train", str(DEMO / row.recipe), *overrides, *stale)
         )
-    if not (REPO / rd / "eval" / "results.json").is_file():
+    results = REPO / rd / "eval" / "results.json"
+    if _mtime(results) < _mtime(REPO / rd / "run.json"):
         _run(f"export {row.name} seed {seed}", _longtune("export", str(rd), "--force"))
         times[f"eval {row.name} seed {seed}"] = _run(
             f"eval {row.name} seed {seed}", _longtune("eval", str(rd), "--no-base", EVAL_SUITES)
         )
     return rd
+
+
+BASE_RUN = "runs/demo/pretrain"
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+def _finished(row: Row, seed: int) -> bool:
+    return (REPO / run_dir(row, seed) / "eval" / "results.json").is_file()
 
 
 def ensure_base(times: dict[str, float]) -> None:
@@ -353,46 +368,38 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in ROWS if r.name in names]
     times: dict[str, float] = {}
     t0 = time.time()
-    runs: list[dict] = []
     seeds = [0] if a.seeds == "auto" else [int(s) for s in a.seeds.split(",")]
     if not a.write_only:
         ensure_base(times)
     for seed in seeds:
         for row in rows:
-            rd = run_dir(row, seed)
             if not a.write_only:
-                rd = run_row(row, seed, times)
-            if (REPO / rd / "eval" / "results.json").is_file():
-                runs.append(row_result(row, seed, rd))
+                run_row(row, seed, times)
     if a.seeds == "auto":
-        L = max((L for r in runs for L in r["ppl"]), key=int, default=None)
-        for name in sorted(close_rows(runs, L) if L else ()):
-            row = next(r for r in rows if r.name == name)
-            rd = run_dir(row, 1)
-            if not a.write_only:
-                rd = run_row(row, 1, times)
-            if (REPO / rd / "eval" / "results.json").is_file():
-                runs.append(row_result(row, 1, rd))
+        # close rows among every finished seed-0 row (rows of earlier calls too) get seed 1
+        seed0 = [row_result(r, 0, run_dir(r, 0)) for r in ROWS if _finished(r, 0)]
+        L = max((L for r in seed0 for L in r["ppl"]), key=int, default=None)
+        close = close_rows(seed0, L) if L else set()
+        for row in rows:
+            if row.name in close and not a.write_only:
+                run_row(row, 1, times)
+    # every finished run of every row is in the table
+    runs = [row_result(r, s, run_dir(r, s)) for r in ROWS for s in (0, 1, 2, 3) if _finished(r, s)]
     if not runs:
-        print("no finished ablation runs to summarise", file=sys.stderr)
+        print("no finished ablation runs to summarise (run `make ablation`)", file=sys.stderr)
         return 2
-    from finetune.recipe import load_recipe
-
-    old = {}
-    res_path = REPO / ROOT / "results.json"
-    if res_path.is_file():
-        old = json.loads(res_path.read_text())
-    # rows run before (another --rows call) stay in the table
-    keep = [r for r in old.get("runs", []) if (r["row"], r["seed"]) not in {(x["row"], x["seed"]) for x in runs}]
     import platform
 
+    from finetune.recipe import load_recipe
     from finetune.rundir import atomic_write_text
 
+    res_path = REPO / ROOT / "results.json"
+    old = json.loads(res_path.read_text()) if res_path.is_file() else {}
     results = {
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": f"CPU ({platform.machine()})",
         "steps": load_recipe(DEMO / "extend-sfattn.yaml").training.max_steps,
-        "runs": keep + runs,
+        "runs": runs,
         "times": {**old.get("times", {}), **times},
         "seconds": time.time() - t0,
     }

@@ -185,10 +185,10 @@ class SyntheticRetrievalSection(Section):
     #: Documents generated: filler, a pass key / needle line at a random depth, question, answer.
     documents: int = Field(default=2000, gt=0)
     #: Document length range in characters (tokens for the byte tokenizer), drawn uniformly
-    #: (a passkey document has at least 200, a needle document 230).
+    #: (a passkey document has at least 110, a needle document 215).
     min_chars: int = Field(default=200, ge=1)
     #: Longest document in characters; keep it below seq_length so most documents fit a row.
-    max_chars: int = Field(default=2000, ge=230)
+    max_chars: int = Field(default=2000, ge=215)
     #: Formats, drawn uniformly: passkey (the passkey suite's prompt), needle (the needle suite's).
     formats: list[Literal["passkey", "needle"]] = Field(default_factory=lambda: ["passkey", "needle"], min_length=1)
     #: Seed of the keys, depths and lengths (a stream apart from the eval suites').

@@ -37,6 +37,19 @@ from finetune.rundir import final_dir
 
 ROOT = Path("runs/ablation")  # relative to the repo: the commands run there
 
+#: `--smoke`: the whole path (train, export, eval, table, plot) in about a minute per row:
+#: 2 steps at 256 tokens, one window and one trial per suite, in runs/ablation-smoke, the
+#: demo's runs never reused and docs/README untouched (the table lands in that folder).
+SMOKE_OVERRIDES = (
+    "training.max_steps=2", "training.save_steps=2", "training.warmup_steps=0", "data.seq_length=256",
+    "data.output_dir=runs/ablation-smoke/data",
+    "data.sources=[{type: corpus, path: shakespeare}, {type: synthetic_retrieval, path: retrieval, weight: 0.66, "
+    "synthetic: {documents: 200, min_chars: 110, max_chars: 256}}]",
+    "eval.lengths=[256,512]", "eval.perplexity_max_windows=1", "eval.passkey_trials=1",
+    "eval.needle_depths=[0.5]", "eval.needle_trials=1",
+)  # fmt: skip
+_smoke: dict = {"on": False}
+
 
 @dataclass(frozen=True)
 class Row:
@@ -67,21 +80,27 @@ PPL_CLOSE = 0.05
 
 
 # --------------------------------------------------------------------------- running
+def root() -> Path:
+    return Path("runs/ablation-smoke") if _smoke["on"] else ROOT
+
+
 def run_dir(row: Row, seed: int) -> Path:
-    if seed == 0 and row.demo_run and final_dir(REPO / row.demo_run).is_dir():
+    if seed == 0 and row.demo_run and not _smoke["on"] and final_dir(REPO / row.demo_run).is_dir():
         return Path(row.demo_run)
-    return ROOT / row.name / f"seed{seed}"
+    return root() / row.name / f"seed{seed}"
 
 
 def run_row(row: Row, seed: int, times: dict[str, float]) -> Path:
     """Train (unless finished), export and evaluate one row; its run directory."""
     rd = run_dir(row, seed)
     overrides = [*row.overrides, f"run_dir={rd}", f"name=ablation-{row.name}-seed{seed}"]
+    if _smoke["on"]:
+        overrides += [*SMOKE_OVERRIDES, f"model.name_or_path={_smoke['base']}"]
     if seed:
         overrides.append(f"training.seed={seed}")
     if rd == Path(row.demo_run or "-"):
         overrides = []  # the demo's run, as the demo made it
-    base = _mtime(final_dir(REPO / BASE_RUN))
+    base = _mtime(Path(_smoke["base"]) if _smoke["on"] else final_dir(REPO / BASE_RUN))
     if not final_dir(REPO / rd).is_dir() or _mtime(REPO / rd / "run.json") < base:
         # a run extended from an older base is redone, never mixed with this base's rows
         stale = ["overwrite=true"] if final_dir(REPO / rd).is_dir() else []
@@ -314,13 +333,15 @@ def plot(rows: list[dict], out: Path) -> None:
 README_START, README_END = "<!-- ablation:table -->", "<!-- /ablation:table -->"
 
 
-def write_outputs(results: dict, repo: Path = REPO) -> str:
-    """docs/ablation.md, docs/ablation/ablation.png and the README block, from results.json's dict."""
+def write_outputs(results: dict, repo: Path = REPO, smoke_dir: Path | None = None) -> str:
+    """docs/ablation.md, docs/ablation/ablation.png and the README block, from results.json's dict
+    (a smoke run writes ablation.md and ablation/ablation.png into `smoke_dir` only)."""
     from finetune.rundir import atomic_write_text
 
     rows = aggregate(results["runs"])
     tbl = table(rows)
-    lines = ["# Ablation (CPU)", "",
+    smoke = ["**Smoke test** (`--smoke`: 2 steps at 256 tokens, tiny eval): the path works; these are not results.", ""]
+    lines = ["# Ablation (CPU)", "", *(smoke if results.get("smoke") else []),
              "Produced by `make ablation` (finetune/ablation.py) from its runs; nothing here is typed by hand.",
              "", f"{results['created']} · {results.get('device', 'CPU')} · base `runs/demo/pretrain/final` "
              f"(trained at 256 tokens) · every row {results.get('steps', '?')} steps at 2048 tokens on the same "
@@ -336,10 +357,11 @@ def write_outputs(results: dict, repo: Path = REPO) -> str:
         lines += ["", "## Wall time", "", "| step | seconds |", "| --- | ---: |"]
         lines += [f"| {k} | {v:.0f} |" for k, v in results["times"].items()]
     doc = "\n".join(lines) + "\n"
-    atomic_write_text(repo / "docs" / "ablation.md", doc)
-    plot(rows, repo / "docs" / "ablation" / "ablation.png")
+    out = smoke_dir or repo / "docs"
+    atomic_write_text(out / "ablation.md", doc)
+    plot(rows, out / "ablation" / "ablation.png")
     readme = repo / "README.md"
-    if readme.is_file():
+    if readme.is_file() and smoke_dir is None:
         block = (f"{README_START}\nMeasured by `make ablation` on {results['created']} "
                  f"([docs/ablation.md](docs/ablation.md) has the plot and the papers' orderings):\n\n{tbl}\n{README_END}")  # fmt: skip
         text = readme.read_text()
@@ -356,7 +378,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="auto",
                     help="auto (seed 0 for every row, seed 1 for rows close to another), or a list such as 0,1")  # fmt: skip
     ap.add_argument("--write-only", action="store_true", help="only rewrite docs and README from finished runs")
+    ap.add_argument("--smoke", metavar="BASE", help="smoke test from the model folder BASE: 2 steps at 256 tokens per "
+                    "row, tiny eval, results in runs/ablation-smoke (docs and README untouched)")  # fmt: skip
     a = ap.parse_args(argv)
+    if a.smoke:
+        if not Path(a.smoke).is_dir():
+            print(f"--smoke: {a.smoke}: no such model folder", file=sys.stderr)
+            return 2
+        _smoke.update(on=True, base=str(Path(a.smoke).resolve()))
     names = [n.strip() for n in a.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROW_NAMES]
     if unknown:
@@ -369,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, float] = {}
     t0 = time.time()
     seeds = [0] if a.seeds == "auto" else [int(s) for s in a.seeds.split(",")]
-    if not a.write_only:
+    if not a.write_only and not _smoke["on"]:
         ensure_base(times)
     for seed in seeds:
         for row in rows:
@@ -390,22 +419,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import platform
 
-    from finetune.recipe import load_recipe
     from finetune.rundir import atomic_write_text
 
-    res_path = REPO / ROOT / "results.json"
+    res_path = REPO / root() / "results.json"
     old = json.loads(res_path.read_text()) if res_path.is_file() else {}
     results = {
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": f"CPU ({platform.machine()})",
-        "steps": load_recipe(DEMO / "extend-sfattn.yaml").training.max_steps,
+        "steps": ", ".join(str(x) for x in sorted({r["steps"] for r in runs if r.get("steps")})) or "?",
+        "smoke": _smoke["on"],
         "runs": runs,
         "times": {**old.get("times", {}), **times},
         "seconds": time.time() - t0,
     }
     res_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(res_path, json.dumps(results, indent=1))
-    print(write_outputs(results))
+    print(write_outputs(results, smoke_dir=REPO / root() if _smoke["on"] else None))
     return 0
 
 

@@ -119,6 +119,9 @@ def test_cli_refuses_unknown_rows():
     p = subprocess.run([sys.executable, "-m", "finetune.ablation", "--rows", "full-ft,bogus"],
                        capture_output=True, text=True, cwd=REPO)  # fmt: skip
     assert p.returncode == 2 and "unknown row 'bogus'" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "finetune.ablation", "--smoke", "/nonexistent/base"],
+                       capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert p.returncode == 2 and "/nonexistent/base: no such model folder" in p.stderr
 
 
 def test_makefile_target_and_readme():

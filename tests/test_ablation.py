@@ -145,3 +145,16 @@ def test_demo_readme_table_has_retrieval_rows():
     assert "| passkey 256 | n/a | n/a |" in t and "| passkey 2048 | 10% | 90% |" in t
     assert "| needle 256 | 75% | 100% |" in t and "| needle 2048 | 0% | 75% |" in t
     json.dumps(res)
+
+
+def test_training_seed_changes_training_not_the_prepared_data():
+    """A second seed of a row sets `training.seed`: the trainer's seed changes, the data hash
+    (and so the prepared data and its held-out split) does not."""
+    from data_prep.prepare import data_hash
+    from finetune.train import training_seed
+
+    r0 = load_recipe(RECIPES_DIR / "demo" / "extend-sfattn.yaml")
+    r1 = load_recipe(RECIPES_DIR / "demo" / "extend-sfattn.yaml", ["training.seed=1"])
+    assert (training_seed(r0), training_seed(r1)) == (r0.seed, 1)
+    assert data_hash(r0) == data_hash(r1)
+    assert data_hash(load_recipe(RECIPES_DIR / "demo" / "extend-sfattn.yaml", ["seed=1"])) != data_hash(r0)

@@ -29,7 +29,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.demo import DEMO, REPO, _longtune, _run
@@ -43,8 +43,8 @@ ROOT = Path("runs/ablation")  # relative to the repo: the commands run there
 SMOKE_OVERRIDES = (
     "training.max_steps=2", "training.save_steps=2", "training.warmup_steps=0", "data.seq_length=256",
     "data.output_dir=runs/ablation-smoke/data",
-    "data.sources=[{type: corpus, path: shakespeare}, {type: synthetic_retrieval, path: retrieval, weight: 0.66, "
-    "synthetic: {documents: 200, min_chars: 110, max_chars: 256}}]",
+    ("data.sources=[{type: corpus, path: shakespeare}, {type: synthetic_retrieval, path: retrieval, weight: 0.66, "
+     "synthetic: {documents: 200, min_chars: 110, max_chars: 256}}]"),
     "eval.lengths=[256,512]", "eval.perplexity_max_windows=1", "eval.passkey_trials=1",
     "eval.needle_depths=[0.5]", "eval.needle_trials=1",
 )  # fmt: skip
@@ -142,7 +142,9 @@ def kv_bytes(config: dict, length: int) -> int:
     layers = config["num_hidden_layers"]
     kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[str(config.get("dtype") or config.get("torch_dtype") or "float32")]
+    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[
+        str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    ]
     per_token = 2 * kv_heads * head_dim * itemsize
     layout = (config.get("longtune_attention") or {}).get("layers") or [{"pattern": "causal"}] * layers
     total = 0
@@ -192,7 +194,12 @@ def close_rows(results: list[dict], length: str) -> set[str]:
     for a in results:
         for b in results:
             pa, pb = a["ppl"].get(length), b["ppl"].get(length)
-            if a["row"] != b["row"] and pa is not None and pb is not None and abs(pa - pb) / min(pa, pb) < PPL_CLOSE:
+            if (
+                a["row"] != b["row"]
+                and pa is not None
+                and pb is not None
+                and abs(pa - pb) / min(pa, pb) < PPL_CLOSE
+            ):
                 out |= {a["row"], b["row"]}
     return out
 
@@ -243,7 +250,10 @@ def table(rows: list[dict]) -> str:
         kv = r["kv_bytes"].get(Lmax, (None, None))[0]
         cells = [f"{r['row']} ({r['label']})", ", ".join(map(str, r["seeds"]))]
         cells += [_fmt(r["ppl"].get(L, (None, None))) for L in lengths]
-        cells += [_fmt(r["passkey"].get(Lmax, (None, None)), pct=True), _fmt(r["needle"].get(Lmax, (None, None)), pct=True)]
+        cells += [
+            _fmt(r["passkey"].get(Lmax, (None, None)), pct=True),
+            _fmt(r["needle"].get(Lmax, (None, None)), pct=True),
+        ]
         cells += ["n/a" if r["seconds_per_step"] is None else f"{r['seconds_per_step']:.2f}",
                   "n/a" if r["trainable_params"] is None else f"{int(r['trainable_params']):,}",
                   "n/a" if kv is None else f"{kv / 2**20:.2f}"]  # fmt: skip
@@ -280,16 +290,33 @@ def verdicts(rows: list[dict]) -> list[str]:
             out.append(f"- {text}: ours {ours}: **{'agrees' if holds(pa[0], pb[0]) else 'disagrees'}**.")
 
     rel = PPL_CLOSE
-    claim("LongLoRA: S2-Attn + LoRA+ is close to full fine-tuning (PG19 8k: 8.04 vs 8.02)", "s2-lora+", "full-ft",
-          lambda a, b: abs(a - b) / b < rel)
-    claim("LongLoRA: plain LoRA is far worse than LoRA+", "sf-lora", "sf-lora+", lambda a, b: (a - b) / b >= rel)
-    claim("SinkLoRA: SF-Attn is better than S2-Attn (9.09 -> 8.64)", "sf-lora+", "s2-lora+", lambda a, b: a < b)
-    claim("LongGen: the hybrid is close to full attention", "hybrid", "full-lora+", lambda a, b: abs(a - b) / b < rel)
+    claim(
+        "LongLoRA: S2-Attn + LoRA+ is close to full fine-tuning (PG19 8k: 8.04 vs 8.02)",
+        "s2-lora+",
+        "full-ft",
+        lambda a, b: abs(a - b) / b < rel,
+    )
+    claim(
+        "LongLoRA: plain LoRA is far worse than LoRA+", "sf-lora", "sf-lora+", lambda a, b: (a - b) / b >= rel
+    )
+    claim(
+        "SinkLoRA: SF-Attn is better than S2-Attn (9.09 -> 8.64)", "sf-lora+", "s2-lora+", lambda a, b: a < b
+    )
+    claim(
+        "LongGen: the hybrid is close to full attention",
+        "hybrid",
+        "full-lora+",
+        lambda a, b: abs(a - b) / b < rel,
+    )
     if "hybrid" in by and "full-lora+" in by:
         kh, kf = by["hybrid"]["kv_bytes"].get(L, (None,))[0], by["full-lora+"]["kv_bytes"].get(L, (None,))[0]
         if kh and kf:
-            out.append(f"- LongGen: ... at a fraction of the KV cache: ours {kh / kf:.1%} of full attention's at {L}.")
-    out.append(f"(\"close\": within {rel:.0%} of the other row's perplexity; \"far worse\": at least {rel:.0%} higher.)")
+            out.append(
+                f"- LongGen: ... at a fraction of the KV cache: ours {kh / kf:.1%} of full attention's at {L}."
+            )
+    out.append(
+        f'("close": within {rel:.0%} of the other row\'s perplexity; "far worse": at least {rel:.0%} higher.)'
+    )
     return out
 
 
@@ -340,18 +367,22 @@ def write_outputs(results: dict, repo: Path = REPO, smoke_dir: Path | None = Non
 
     rows = aggregate(results["runs"])
     tbl = table(rows)
-    smoke = ["**Smoke test** (`--smoke`: 2 steps at 256 tokens, tiny eval): the path works; these are not results.", ""]
+    smoke = [
+        "**Smoke test** (`--smoke`: 2 steps at 256 tokens, tiny eval): the path works; these are not results.",
+        "",
+    ]
+    header = (f"{results['created']} · {results.get('device', 'CPU')} · base `runs/demo/pretrain/final` "
+              f"(trained at 256 tokens) · every row {results.get('steps', '?')} steps at 2048 tokens on the same "
+              "prepared data (`runs/demo/data-2048`) and seed; rows close to another get a second `training.seed`, "
+              "shown as mean ± half the range.")  # fmt: skip
+    legend = ("Perplexity: LongLoRA protocol on the held-out plays. Retrieval: passkey (exact key) and needle "
+              "(mean over depths), held-out keys. s/step: seconds per optimizer step of that run on this machine "
+              "(2 DeepSpeed CPU ranks). KV: cache bytes after the longest length with the model's own attention "
+              "(full for every row but the hybrid, whose sparse layers keep sinks + window).")  # fmt: skip
     lines = ["# Ablation (CPU)", "", *(smoke if results.get("smoke") else []),
              "Produced by `make ablation` (finetune/ablation.py) from its runs; nothing here is typed by hand.",
-             "", f"{results['created']} · {results.get('device', 'CPU')} · base `runs/demo/pretrain/final` "
-             f"(trained at 256 tokens) · every row {results.get('steps', '?')} steps at 2048 tokens on the same "
-             "prepared data (`runs/demo/data-2048`) and seed; rows close to another get a second `training.seed`, "
-             "shown as mean ± half the range.", "",
-             "Perplexity: LongLoRA protocol on the held-out plays. Retrieval: passkey (exact key) and needle "
-             "(mean over depths), held-out keys. s/step: seconds per optimizer step of that run on this machine "
-             "(2 DeepSpeed CPU ranks). KV: cache bytes after the longest length with the model's own attention "
-             "(full for every row but the hybrid, whose sparse layers keep sinks + window).", "",
-             tbl, "", "![ablation](ablation/ablation.png)", "", "## The papers' orderings against ours", ""]  # fmt: skip
+             "", header, "", legend, "", tbl, "", "![ablation](ablation/ablation.png)", "",
+             "## The papers' orderings against ours", ""]  # fmt: skip
     lines += verdicts(rows)
     if results.get("times"):
         lines += ["", "## Wall time", "", "| step | seconds |", "| --- | ---: |"]
@@ -374,10 +405,16 @@ def write_outputs(results: dict, repo: Path = REPO, smoke_dir: Path | None = Non
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m finetune.ablation", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", default=",".join(ROW_NAMES), help=f"comma-separated rows (default all: {', '.join(ROW_NAMES)})")
+    ap.add_argument(
+        "--rows",
+        default=",".join(ROW_NAMES),
+        help=f"comma-separated rows (default all: {', '.join(ROW_NAMES)})",
+    )
     ap.add_argument("--seeds", default="auto",
                     help="auto (seed 0 for every row, seed 1 for rows close to another), or a list such as 0,1")  # fmt: skip
-    ap.add_argument("--write-only", action="store_true", help="only rewrite docs and README from finished runs")
+    ap.add_argument(
+        "--write-only", action="store_true", help="only rewrite docs and README from finished runs"
+    )
     ap.add_argument("--smoke", metavar="BASE", help="smoke test from the model folder BASE: 2 steps at 256 tokens per "
                     "row, tiny eval, results in runs/ablation-smoke (docs and README untouched)")  # fmt: skip
     a = ap.parse_args(argv)

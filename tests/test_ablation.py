@@ -61,7 +61,13 @@ def test_close_rows_get_a_second_seed():
 
 def test_aggregate_mean_and_half_range():
     rows = {r["row"]: r for r in A.aggregate(FIXTURE)}
-    assert [r["row"] for r in A.aggregate(FIXTURE)] == ["full-ft", "s2-lora+", "sf-lora+", "sf-lora", "hybrid"]
+    assert [r["row"] for r in A.aggregate(FIXTURE)] == [
+        "full-ft",
+        "s2-lora+",
+        "sf-lora+",
+        "sf-lora",
+        "hybrid",
+    ]
     mean, spread = rows["s2-lora+"]["ppl"]["2048"]
     assert abs(mean - 7.6) < 1e-9 and abs(spread - 0.1) < 1e-9
     assert rows["s2-lora+"]["seeds"] == [0, 1]
@@ -75,7 +81,10 @@ def test_table_and_verdicts_from_the_fixture():
     assert "| full-ft (full-ft) | 0 | 8.00 | 7.00 | 90% | 100% | 2.00 | 2,500,000 | 6.00 |" in t
     v = "\n".join(A.verdicts(rows))
     # s2 7.60 vs full 7.00: 8.6% apart, not close -> disagrees
-    assert "S2-Attn + LoRA+ is close to full fine-tuning" in v and "s2-lora+ 7.60 vs full-ft 7.00 at 2048: **disagrees**" in v
+    assert (
+        "S2-Attn + LoRA+ is close to full fine-tuning" in v
+        and "s2-lora+ 7.60 vs full-ft 7.00 at 2048: **disagrees**" in v
+    )
     # plain LoRA 9.00 vs 7.30: far worse -> agrees
     assert "sf-lora 9.00 vs sf-lora+ 7.30 at 2048: **agrees**" in v
     # SF 7.30 ± 0.10 vs S2 7.60 ± 0.10: 0.30 apart > 0.20 -> an ordering, agrees
@@ -112,15 +121,18 @@ def test_kv_bytes_equal_a_real_cache():
     # hybrid: 1 full layer of 40 tokens, 2 sink-window layers of 4 + 8 tokens
     layout = {"layers": [{"pattern": "sink_window", "window": 8, "num_sink_tokens": 4}, {"pattern": "causal"},
                          {"pattern": "sink_window", "window": 8, "num_sink_tokens": 4}]}  # fmt: skip
-    assert A.kv_bytes(cfg.to_dict() | {"dtype": "float32", "longtune_attention": layout}, 40) == held * (40 + 24) // 120
+    assert (
+        A.kv_bytes(cfg.to_dict() | {"dtype": "float32", "longtune_attention": layout}, 40)
+        == held * (40 + 24) // 120
+    )
 
 
 def test_cli_refuses_unknown_rows():
     p = subprocess.run([sys.executable, "-m", "finetune.ablation", "--rows", "full-ft,bogus"],
-                       capture_output=True, text=True, cwd=REPO)  # fmt: skip
+                       capture_output=True, text=True, cwd=REPO, check=False)  # fmt: skip
     assert p.returncode == 2 and "unknown row 'bogus'" in p.stderr and "Traceback" not in p.stderr
     p = subprocess.run([sys.executable, "-m", "finetune.ablation", "--smoke", "/nonexistent/base"],
-                       capture_output=True, text=True, cwd=REPO)  # fmt: skip
+                       capture_output=True, text=True, cwd=REPO, check=False)  # fmt: skip
     assert p.returncode == 2 and "/nonexistent/base: no such model folder" in p.stderr
 
 

@@ -96,7 +96,11 @@ def test_held_out_keys_never_in_the_demo_training_documents(monkeypatch):
         asked |= _eval_answers(e.lengths, e.needle_depths, e.passkey_trials, e.needle_trials, seed, sentences)
     assert len(asked) > 50
     for name in ("pretrain.yaml", "extend-sfattn.yaml"):
-        (src,) = [s for s in load_recipe(RECIPES_DIR / "demo" / name).data.sources if s.type == "synthetic_retrieval"]
+        (src,) = [
+            s
+            for s in load_recipe(RECIPES_DIR / "demo" / name).data.sources
+            if s.type == "synthetic_retrieval"
+        ]
         trained = {r["answer"] for _, r in documents(src.synthetic)}
         assert asked <= eval_numbers(src.synthetic.exclude_eval_seeds, src.synthetic.exclude_eval_lengths,
                                      src.synthetic.exclude_eval_depths)  # fmt: skip
@@ -140,7 +144,7 @@ def test_prepare_mixes_them_into_training_only(tmp_path):
     import json
 
     man = json.loads((out / "manifest.json").read_text())
-    syn = [s for s in man["sources"] if s["type"] == "synthetic_retrieval"][0]
+    syn = next(s for s in man["sources"] if s["type"] == "synthetic_retrieval")
     assert syn["eval"]["docs"] == 0 and syn["kept"]["docs"] == 30
 
 

@@ -19,7 +19,7 @@ LONG_ARGS ?=
 OUT ?= runs/gpu-check
 GPU_PY ?= python3
 
-.PHONY: setup test demo train prepare export eval push bench dry-run lint clean gpu-check gpu-doc
+.PHONY: setup test demo ablation train prepare export eval push bench dry-run lint clean gpu-check gpu-doc
 
 setup: $(STAMP)
 
@@ -46,6 +46,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m finetune.demo
+
+# The six-row ablation on the demo's base (docs/ablation.md); reuses `make demo`'s runs.
+ablation: $(STAMP)
+	$(PY) -m finetune.ablation $(ARGS)
 
 prepare: $(STAMP)
 	$(PY) -m finetune.cli prepare $(RECIPE) $(ARGS)

@@ -62,7 +62,7 @@ def _local_file_stamps(recipe) -> list:
     """Size and mtime of local source files, so editing a file re-prepares the data."""
     stamps = []
     for src in recipe.data.sources:
-        if src.type in ("hub", "corpus"):
+        if src.type in ("hub", "corpus", "synthetic_retrieval"):
             continue
         p = Path(src.path)
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
@@ -234,8 +234,11 @@ def build(recipe, scratch: Path, progress=None) -> tuple[dict, dict]:
     for (tok, n, kept, report), src in zip(sources, data.sources):
         # pretrain: enough eval tokens overall for one packed row, shared by token count
         floor = seq_length * int(n[kept].sum()) / max(1, kept_tokens) if data.format == "pretrain" else 0
-        mask = choose_eval_documents(n[kept], data.eval_fraction, floor, rng)
-        if data.eval_fraction > 0 and not mask.any():
+        if src.type == "synthetic_retrieval":  # training-only: retrieval has its own eval suites
+            mask = np.zeros(len(kept), dtype=bool)
+        else:
+            mask = choose_eval_documents(n[kept], data.eval_fraction, floor, rng)
+        if data.eval_fraction > 0 and not mask.any() and src.type != "synthetic_retrieval":
             raise DataError(
                 f"source {src.path} ({src.type}) has {len(kept)} usable document(s): the eval split holds "
                 "out whole documents and needs at least 2; add documents (e.g. split the file) or set "

@@ -154,6 +154,14 @@ def load_corpus(src) -> Iterator[Record]:
         yield doc.get("path", src.path), rec
 
 
+def load_synthetic_retrieval(src) -> Iterator[Record]:
+    """Generated passkey / needle documents (`data_prep.synthetic`); `text` only, named by `path`."""
+    from data_prep.synthetic import documents
+
+    for where, rec in documents(src.synthetic, label=src.path):
+        yield where, {src.text_field: rec["text"]}
+
+
 #: source type (SourceSection.type) -> loader
 LOADERS: dict[str, Callable[..., Iterator[Record]]] = {
     "text": load_text,
@@ -162,6 +170,7 @@ LOADERS: dict[str, Callable[..., Iterator[Record]]] = {
     "disk": load_disk,
     "hub": load_hub,
     "corpus": load_corpus,
+    "synthetic_retrieval": load_synthetic_retrieval,
 }
 
 
@@ -223,7 +232,7 @@ def read_source(src, data, scratch: Path):
     import datasets
     from datasets.exceptions import DatasetGenerationError
 
-    if data.format == "sft" and src.type in ("text", "corpus"):
+    if data.format == "sft" and src.type in ("text", "corpus", "synthetic_retrieval"):
         raise DataError(
             f"source {src.path}: type '{src.type}' has plain documents; data.format 'sft' needs records "
             "(jsonl, parquet, disk or hub) with instruction/output or messages fields"

@@ -179,10 +179,42 @@ class LoraSection(Section):
 
 
 # --------------------------------------------------------------------------- data
+class SyntheticRetrievalSection(Section):
+    """Documents of source type `synthetic_retrieval` (data_prep/synthetic.py, docs/data.md)."""
+
+    #: Documents generated: filler, a pass key / needle line at a random depth, question, answer.
+    documents: int = Field(default=2000, gt=0)
+    #: Document length range in characters (tokens for the byte tokenizer), drawn uniformly
+    #: (a passkey document has at least 110, a needle document 215).
+    min_chars: int = Field(default=200, ge=1)
+    #: Longest document in characters; keep it below seq_length so most documents fit a row.
+    max_chars: int = Field(default=2000, ge=215)
+    #: Formats, drawn uniformly: passkey (the passkey suite's prompt), needle (the needle suite's).
+    formats: list[Literal["passkey", "needle"]] = Field(default_factory=lambda: ["passkey", "needle"], min_length=1)
+    #: Seed of the keys, depths and lengths (a stream apart from the eval suites').
+    seed: int = 0
+    #: Keys / numbers the passkey and needle suites ask with these eval seeds, lengths and
+    #: needle depths (20 trials per cell) never occur in the documents.
+    exclude_eval_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    #: Eval lengths whose keys are excluded (eval.lengths of the runs to be evaluated).
+    exclude_eval_lengths: list[int] = Field(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192])
+    #: Needle depths whose numbers are excluded (eval.needle_depths of the runs to be evaluated).
+    exclude_eval_depths: list[float] = Field(
+        default_factory=lambda: [0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0]
+    )
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is above max_chars ({self.max_chars})")
+        return self
+
+
 class SourceSection(Section):
-    #: text (file or folder), jsonl, parquet, disk (datasets.save_to_disk), hub, or corpus
-    #: (a bundled corpus alias such as `shakespeare`).
-    type: Literal["text", "jsonl", "parquet", "disk", "hub", "corpus"]
+    #: text (file or folder), jsonl, parquet, disk (datasets.save_to_disk), hub, corpus
+    #: (a bundled corpus alias such as `shakespeare`), or synthetic_retrieval (generated
+    #: passkey / needle documents, set by `synthetic`; `path` is then only its name).
+    type: Literal["text", "jsonl", "parquet", "disk", "hub", "corpus", "synthetic_retrieval"]
     path: str
     text_field: str = "text"
     split: str = "train"
@@ -190,6 +222,14 @@ class SourceSection(Section):
     weight: float = Field(default=1.0, gt=0)
     #: Hub config name (type hub only).
     subset: str | None = None
+    #: Settings of a `synthetic_retrieval` source (required there, refused elsewhere).
+    synthetic: SyntheticRetrievalSection | None = None
+
+    @model_validator(mode="after")
+    def _synthetic_only_there(self):
+        if (self.type == "synthetic_retrieval") != (self.synthetic is not None):
+            raise ValueError("`synthetic` settings go with type synthetic_retrieval, and that type needs them")
+        return self
 
 
 class DataSection(Section):
@@ -247,6 +287,9 @@ class TrainingSection(Section):
     #: operation without a deterministic kernel raises. CPU runs are deterministic without it.
     deterministic: bool = False
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    #: Seed of initialisation (LoRA, random-init weights) and data order; None = the recipe's
+    #: `seed`, which also seeds data preparation: a second seed of a run sets only this one.
+    seed: int | None = None
 
 
 class DeepSpeedSection(Section):

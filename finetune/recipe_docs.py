@@ -30,6 +30,7 @@ SECTIONS = [
     ("lora", R.LoraSection),
     ("data", R.DataSection),
     ("data.sources[]", R.SourceSection),
+    ("data.sources[].synthetic", R.SyntheticRetrievalSection),
     ("training", R.TrainingSection),
     ("deepspeed", R.DeepSpeedSection),
     ("memory", R.MemorySection),

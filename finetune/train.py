@@ -37,6 +37,12 @@ from finetune.rundir import (
 
 
 # --------------------------------------------------------------------------- trainer pieces
+def training_seed(recipe) -> int:
+    """`training.seed` where set (a second seed of the same run: initialisation and data order
+    change, the prepared data does not), else the recipe's `seed`."""
+    return recipe.seed if recipe.training.seed is None else recipe.training.seed
+
+
 def training_arguments(recipe: Recipe, has_eval: bool):
     from transformers import TrainingArguments
 
@@ -71,8 +77,8 @@ def training_arguments(recipe: Recipe, has_eval: bool):
         eval_strategy="steps" if has_eval and t.eval_steps else "no",
         eval_steps=t.eval_steps if has_eval else None,
         report_to=t.report_to,
-        seed=recipe.seed,
-        data_seed=recipe.seed,
+        seed=training_seed(recipe),
+        data_seed=training_seed(recipe),
         full_determinism=t.deterministic,
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_num_workers,
@@ -261,7 +267,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     from data_prep.assets import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
-    set_seed(recipe.seed)
+    set_seed(training_seed(recipe))
     args = training_arguments(recipe, has_eval=eval_ds is not None)  # before the model: ZeRO-3 init
     _ = args.device  # initialises torch.distributed on every rank
     if args.deepspeed:

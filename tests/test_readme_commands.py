@@ -11,7 +11,8 @@ the `python -m finetune.cli ...` lines make prints are run in a scratch folder, 
 - export / eval / push of runs/llama2-7b-sfattn-32k act on a copy of that tiny run placed
   there (a copied run directory, as a user would move one; its recipe.yaml still names
   runs/tiny), push with the README's own --dry-run.
-Not run: `make demo` (12 minutes, the lead reruns it) and `make test` (this suite).
+Not run: `make demo` (12 minutes, the lead reruns it), `make ablation` (its sequel) and `make test`
+(this suite).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-NOT_RUN = {"demo", "test"}
+NOT_RUN = {"demo", "ablation", "test"}
 
 
 def readme_make_lines() -> list[str]:

@@ -71,6 +71,23 @@ def _decode(module, query, key, value, attention_mask, kwargs, spec, scale, obse
     B, H, Lq, D = query.shape
     Hkv, Lk = key.shape[1], key.shape[2]
     rep = H // Hkv
+    if Lq == 1:  # a decode step: the query sees its own key at least, no empty row to guard
+        # kernels.masks' causal mask for one query, spelled directly (building the general
+        # context per layer and step cost more than the attention at small budgets): a kept
+        # key is visible when it is a real slot at or before the query's position
+        kpos = kwargs[HEAD_POSITIONS_KEY]  # (B, Hkv, Lk), -1: empty
+        qpos = kwargs.get("position_ids")
+        qpos = kpos[..., -1:] if qpos is None else qpos.to(query.device).long().expand(B, 1).view(B, 1, 1)
+        visible = (kpos >= 0) & (kpos <= qpos)
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] == Lk:
+            visible &= attention_mask.to(device=query.device, dtype=torch.bool).view(B, 1, Lk)
+        work = torch.float64 if query.dtype == torch.float64 else torch.float32
+        q = query.reshape(B, Hkv, rep, D).to(work)
+        scores = torch.matmul(q, key.to(work).transpose(-1, -2)).mul_(scale)  # (B, Hkv, rep, Lk)
+        probs = torch.softmax(scores.masked_fill_(~visible.view(B, Hkv, 1, Lk), float("-inf")), dim=-1)
+        out = torch.matmul(probs, value.to(work)).to(query.dtype).view(B, H, 1, value.shape[-1])
+        observer.observe_attention(module.layer_idx, probs.view(B, H, 1, Lk))
+        return out
     pos = kwargs[HEAD_POSITIONS_KEY].reshape(B * Hkv, Lk)
     qpos = kwargs.get("position_ids")
     if qpos is not None:
@@ -78,14 +95,6 @@ def _decode(module, query, key, value, attention_mask, kwargs, spec, scale, obse
     pad = attention_mask.repeat_interleave(Hkv, dim=0) if attention_mask is not None else None
     ctx = build_context(B * Hkv, Lq, Lk, query.device, attention_mask=pad, position_ids=qpos, kv_positions=pos)
     mask = dense_mask(spec, ctx, 1).view(B, Hkv, 1, Lq, Lk)
-    if Lq == 1:  # a decode step: the query sees its own key at least, no empty row to guard
-        work = torch.float64 if query.dtype == torch.float64 else torch.float32
-        q = query.reshape(B, Hkv, rep, D).to(work)
-        scores = torch.matmul(q, key.to(work).transpose(-1, -2)).mul_(scale)  # (B, Hkv, rep, Lk)
-        probs = torch.softmax(scores.masked_fill_(~mask.view(B, Hkv, 1, Lk), float("-inf")), dim=-1)
-        out = torch.matmul(probs, value.to(work)).to(query.dtype).view(B, H, 1, value.shape[-1])
-        observer.observe_attention(module.layer_idx, probs.view(B, H, 1, Lk))
-        return out
     mask = mask.expand(B, Hkv, rep, Lq, Lk).reshape(B, H, Lq, Lk)
     chunk = int(getattr(observer, "prefill_chunk", 512) or Lq)
     outs = []

@@ -13,10 +13,11 @@ does both, per block of query rows and per sample:
 - out = P.v, and the column sums of P added to the keys' scores.
 
 One q.k matmul, one exp and one P.v per pair, as the flash kernel does; the extra cost is the
-softmax pass over a materialised block. That block lives in one preallocated workspace of
-`BLOCK_ELEMENTS` (B=1: rows x visible keys x heads), small enough to stay in the CPU's caches;
-query rows per block follow from it (more rows while few keys are visible), between
-`MIN_ROWS` and `MAX_ROWS`. Memory: the workspace plus a float32 copy of one sample's q, k, v.
+softmax pass over a materialised block (and its traffic through the memory: at 16k keys this
+costs about 1.4x the flash kernel on one CPU thread, 1.2-1.3x at 4k). That block lives in one
+preallocated workspace; query rows per block come from `BLOCK_ELEMENTS` (rows x visible keys x
+heads; more rows while few keys are visible), between `MIN_ROWS` and `MAX_ROWS`. Memory: the
+workspace plus a float32 copy of one sample's q, k, v.
 
 Rows before a sample's first real token (left padding) see nothing: output 0, no score.
 """
@@ -25,10 +26,14 @@ from __future__ import annotations
 
 import torch
 
-#: float elements of the score block (8 MiB in float32): measured best on one CPU thread at 4k
-#: and 16k keys (larger blocks fall out of the caches, smaller ones starve the matmul)
+#: float elements of the score block (8 MiB in float32) while few keys are visible, and the
+#: query rows per block between MIN_ROWS and MAX_ROWS. Measured on one CPU thread (9 heads / 3
+#: KV heads, head dim 64): 32-64 rows per block at 4k-16k keys cost 1.2-1.4x the flash kernel,
+#: 16 rows 1.55-1.7x at 16k (each block re-reads the keys and values), 128+ rows more (the
+#: block falls out of the caches); the workspace is H x MIN_ROWS x L elements at most beyond
+#: the budget (16k keys: 18 MiB).
 BLOCK_ELEMENTS = 1 << 21
-MIN_ROWS = 16
+MIN_ROWS = 32
 MAX_ROWS = 256
 
 

@@ -21,8 +21,9 @@ the command.
 `--rows FILE` splits a long measurement into pieces (one length, batch or method per process,
 e.g. each under its own hold of a machine lock): each run adds its rows to FILE (JSON; a row of
 the same method, length and batch is replaced) and the section is written from all of FILE's
-rows, the ratios against the full-cache row of the same length and batch wherever it came from.
-Pieces must share the model and cache settings (checked).
+rows, the ratios against the full-cache row of the same length and batch wherever it came from;
+(length, batch) pairs asked for but not measured (`--max-tokens`, a piece not run yet) are
+listed as such. Pieces must share the model and cache settings (checked).
 """
 
 from __future__ import annotations
@@ -134,15 +135,18 @@ def write_section(path: Path, body: str) -> None:
 METHOD_ORDER = ("full", "hybrid", "sink", "h2o")
 
 
-def merge_rows(path: Path, rows: list[dict], setting: dict, command: str) -> tuple[list[dict], list[str]]:
+def merge_rows(path: Path, rows: list[dict], setting: dict, command: str,
+               requested: list[tuple[int, int]] = ()) -> tuple[list[dict], list[str], list[tuple[int, int]]]:
     """`--rows`: FILE's rows with these replacing any of the same (method, length, batch), saved
-    atomically; (all rows, the commands that measured them). Raises SystemExit(2) when FILE was
-    measured with other settings (model, shapes, cache budgets, clock)."""
+    atomically; (all rows, the commands that measured them, every (length, batch) pair asked
+    for so far, measured or skipped). Raises SystemExit(2) when FILE was measured with other
+    settings (model, shapes, cache budgets, clock)."""
     old = {"setting": setting, "commands": [], "rows": []}
     if path.exists():
         try:
             old = json.loads(path.read_text())
             old_setting, old_rows, commands = old["setting"], old["rows"], list(old["commands"])
+            pairs = {tuple(x) for x in old.get("pairs", [])}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"--rows {path}: not a rows file of `longtune bench kv` ({e})") from None
         if old_setting != setting:
@@ -151,18 +155,19 @@ def merge_rows(path: Path, rows: list[dict], setting: dict, command: str) -> tup
                   "use another file", file=sys.stderr)  # fmt: skip
             raise SystemExit(2)
     else:
-        old_rows, commands = [], []
+        old_rows, commands, pairs = [], [], set()
     key = lambda r: (r["method"], r["length"], r["batch"])  # noqa: E731
     new = {key(r) for r in rows}
     merged = [r for r in old_rows if key(r) not in new] + [dict(r) for r in rows]
     merged.sort(key=lambda r: (r["length"], r["batch"], METHOD_ORDER.index(r["method"])))
-    if command not in commands:
+    if rows and command not in commands:  # a run that measured nothing only rewrites the table
         commands.append(command)
+    pairs = sorted(pairs | {tuple(x) for x in requested} | {(r["length"], r["batch"]) for r in merged})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"setting": setting, "commands": commands, "rows": merged}, indent=1))
+    tmp.write_text(json.dumps({"setting": setting, "commands": commands, "pairs": pairs, "rows": merged}, indent=1))
     os.replace(tmp, path)
-    return merged, commands
+    return merged, commands, pairs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,11 +317,13 @@ def run(argv: list[str] | None = None) -> list[dict]:
     if args.rows:
         setting = {"model": what, "window": W, "sinks": s, "decode": args.decode, "clock": args.clock,
                    "threads": torch.get_num_threads(), "repeat": args.repeat}  # fmt: skip
-        rows, commands = merge_rows(args.rows, rows, setting, command)
+        requested = [(T, B) for T in args.lengths for B in args.batch]
+        rows, commands, pairs = merge_rows(args.rows, rows, setting, command, requested)
         have = {(r["method"], r["length"], r["batch"]) for r in rows}
-        pairs = sorted({(r["length"], r["batch"]) for r in rows})
         ran = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
-        skipped = [f"{m} at {T} batch {B}" for T, B in pairs for m in ran if (m, T, B) not in have]
+        skipped = [f"batch {B} at {T}" for T, B in pairs if not any((m, T, B) in have for m in ran)]
+        skipped += [f"{m} at {T} batch {B}" for T, B in pairs for m in ran
+                    if (m, T, B) not in have and any((x, T, B) in have for x in ran)]  # fmt: skip
     with_ratios(rows)
     table = [
         (

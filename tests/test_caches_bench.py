@@ -79,8 +79,10 @@ def test_rows_file_merges_pieces(tmp_path, capsys):
     i = base.index("--batch")
     bench.run(base[:i] + base[i + 2:] + ["--batch", "2", "--methods", "full"])
     assert "Not measured: sink at 40 batch 2, h2o at 40 batch 2." in md.read_text()
-    bench.run(base + ["--lengths", "40", "48", "--max-tokens", "40", "--methods", "full"])  # 48: skipped
+    bench.run(base + ["--lengths", "40", "48", "--max-tokens", "40", "--methods", "full",
+                      "--note", "One busy piece."])  # 48: skipped  # fmt: skip
     text = md.read_text()
+    assert "One busy piece." in text
     assert "Not measured: batch 1 at 48, sink at 40 batch 2, h2o at 40 batch 2." in text
     assert text.count("--max-tokens 40") == 1  # measured full at 40 batch 1 again: its command is listed
     before = rows_file.read_text()

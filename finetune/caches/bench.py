@@ -214,6 +214,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--output", type=Path, default=BENCH_MD)
     p.add_argument("--rows", type=Path, default=None,
                    help="JSON file that collects rows across runs (pieces); the table shows all of them")
+    p.add_argument("--note", default="", help="a sentence added to the section (e.g. how the pieces' runs differed)")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = p.parse_args(argv)
     if min(args.lengths) < 1 or min(args.batch) < 1 or args.decode < 1 or args.repeat < 1:
@@ -347,6 +348,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
         f"x full: this method's tokens/s (prefill, decode) or peak prefill memory over the full cache's "
         f"at the same T and batch."
         + (f" Not measured: {', '.join(skipped)}." if skipped else "")
+        + (f" {args.note.strip()}" if args.note.strip() else "")
     )
     body = "\n".join(
         [

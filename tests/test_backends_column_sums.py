@@ -9,7 +9,9 @@ from kernels.masks import build_context, dense_mask
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("heads,kv_heads,length,pads", [(4, 2, 70, (0, 0)), (3, 3, 45, (0, 17)), (6, 1, 9, (3, 9))])
+@pytest.mark.parametrize(
+    "heads,kv_heads,length,pads", [(4, 2, 70, (0, 0)), (3, 3, 45, (0, 17)), (6, 1, 9, (3, 9))]
+)
 def test_matches_the_dense_reference(dtype, heads, kv_heads, length, pads, monkeypatch):
     """Outputs and column sums equal the dense softmax's (several row blocks per call, GQA,
     batch 2, left-padded rows: padding rows give 0 and add nothing, a fully padded row too)."""
@@ -45,4 +47,6 @@ def test_block_rows_follow_the_budget(monkeypatch):
 def test_rejects_mismatched_shapes():
     q = torch.zeros(1, 4, 5, 8)
     with pytest.raises(ValueError, match="Hkv dividing H"):
-        column_sums.causal_attention_with_column_sums(q, torch.zeros(1, 3, 5, 8), torch.zeros(1, 3, 5, 8), 1.0)
+        column_sums.causal_attention_with_column_sums(
+            q, torch.zeros(1, 3, 5, 8), torch.zeros(1, 3, 5, 8), 1.0
+        )

@@ -156,7 +156,7 @@ def merge_rows(path: Path, rows: list[dict], setting: dict, command: str,
             raise SystemExit(2)
     else:
         old_rows, commands, pairs = [], [], set()
-    key = lambda r: (r["method"], r["length"], r["batch"])  # noqa: E731
+    key = lambda r: (r["method"], r["length"], r["batch"])
     new = {key(r) for r in rows}
     merged = [r for r in old_rows if key(r) not in new] + [dict(r) for r in rows]
     merged.sort(key=lambda r: (r["length"], r["batch"], METHOD_ORDER.index(r["method"])))

@@ -38,7 +38,7 @@ def test_bench_model_dir_ratios_and_section(tmp_path):
     md.write_text("# Benchmarks\n\n<!-- bench:kv -->\nold\n<!-- /bench:kv -->\n\n" + attention)
     rows = bench.run(["--model", str(tmp_path / "model"), "--lengths", "24", "--batch", "1", "2", "--window", "6",
                       "--sinks", "2", "--decode", "1", "--threads", "1", "--output", str(md)])  # fmt: skip
-    assert {r["method"] for r in rows} == {"full", "sink", "h2o"}  # no LongGen layout: no hybrid
+    assert {r["method"] for r in rows} == {"full", "hybrid", "sink", "h2o"}  # hybrid: the synthetic layout
     assert {r["batch"] for r in rows} == {1, 2}
     for r in rows:
         full = next(f for f in rows if f["method"] == "full" and f["batch"] == r["batch"])
@@ -54,3 +54,47 @@ def test_max_tokens_skips_the_large_pairs():
     argv = TINY[:i] + TINY[i + 2:] + ["--batch", "1", "2", "--max-tokens", "40"]
     rows = bench.run(argv)
     assert {r["batch"] for r in rows} == {1}  # batch 2 x 40 tokens > 40: not measured
+
+
+def test_rows_file_merges_pieces(tmp_path, capsys):
+    """--rows: pieces (here: one method each) add up to one table; ratios use the full row of
+    another piece; a piece of other settings is refused (exit 2) and the file left alone."""
+    import json
+
+    import pytest
+
+    md, rows_file = tmp_path / "benchmarks.md", tmp_path / "rows.json"
+    md.write_text("<!-- bench:kv -->\nold\n<!-- /bench:kv -->\n")
+    base = [a for a in TINY if a != "--no-write"] + ["--output", str(md), "--rows", str(rows_file)]
+    bench.run(base + ["--methods", "full"])
+    merged = bench.run(base + ["--methods", "sink", "h2o"])
+    assert [r["method"] for r in merged] == ["full", "sink", "h2o"]
+    full = merged[0]
+    for r in merged:
+        assert r["decode_x"] == r["decode_tokens_per_s"] / full["decode_tokens_per_s"]
+        assert r["fraction"] == r["nbytes"] / full["nbytes"]
+    text = md.read_text()
+    assert "Commands (one piece each" in text and "--methods full" in text and "--methods sink h2o" in text
+    assert text.count("| sink |") == 1 and "Not measured" not in text
+    i = base.index("--batch")
+    bench.run(base[:i] + base[i + 2:] + ["--batch", "2", "--methods", "full"])
+    assert "Not measured: sink at 40 batch 2, h2o at 40 batch 2." in md.read_text()
+    bench.run(base + ["--lengths", "40", "48", "--max-tokens", "40", "--methods", "full",
+                      "--note", "One busy piece."])  # 48: skipped  # fmt: skip
+    text = md.read_text()
+    assert "One busy piece." in text
+    assert "Not measured: batch 1 at 48, sink at 40 batch 2, h2o at 40 batch 2." in text
+    assert text.count("--max-tokens 40") == 1  # measured full at 40 batch 1 again: its command is listed
+    before = rows_file.read_text()
+    with pytest.raises(SystemExit) as e:
+        bench.run(base + ["--methods", "full", "--window", "6"])
+    assert e.value.code == 2 and "window" in capsys.readouterr().err
+    assert rows_file.read_text() == before and len(json.loads(before)["rows"]) == 4
+
+
+def test_methods_without_full_need_a_rows_file(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        bench.run(TINY + ["--methods", "sink"])
+    assert e.value.code == 2 and "--rows" in capsys.readouterr().err

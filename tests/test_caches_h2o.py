@@ -164,29 +164,16 @@ def test_h2o_left_padding_row_equals_row_alone(reference_llama):
         torch.testing.assert_close(lb.scores[1], la.scores[0])
 
 
-def test_column_sums_equal_the_dense_probabilities(monkeypatch):
-    """The fused prefill's scores: column sums of exp(q.k * scale - lse) in query blocks equal
-    the dense softmax probabilities summed over the queries."""
-    from finetune.caches import h2o_attention
-    from kernels.backends import dense
-    from kernels.masks import build_context, dense_mask
-
-    monkeypatch.setattr(h2o_attention, "ROWS", 16)  # several query blocks per call
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(2, h, 70, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
-    mask = dense_mask({"pattern": "causal"}, build_context(2, 70, 70, q.device), 4)
-    _, lse, probs = dense.attention_with_lse(q, k, v, mask, 0.5)
-    torch.testing.assert_close(h2o_attention.column_sums(q, k, lse, 0.5), probs.sum(dim=2))
-
-
 @pytest.mark.parametrize("norm", ["none", "mean"])
 def test_h2o_fused_prefill_keeps_what_the_reference_keeps(norm, monkeypatch, reference_llama, greedy):
     """make_cache's H2O (scores from the fused attention pass) keeps the same keys, with the
     same scores, and generates the same tokens as H2O on the plain reference attention
     (explicit probabilities), prefill and decode."""
     from finetune.caches import h2o_attention, make_cache
+    from kernels.backends import column_sums
 
-    monkeypatch.setattr(h2o_attention, "ROWS", 16)
+    monkeypatch.setattr(column_sums, "BLOCK_ELEMENTS", 64)  # several row blocks per prefill
+    monkeypatch.setattr(column_sums, "MIN_ROWS", 16)
     ids = torch.randint(0, 97, (2, 40))
     kv = {"method": "h2o", "heavy": 5, "recent": 4, "num_sink_tokens": 2, "score_normalization": norm}
     ref_model = reference_llama()
@@ -200,6 +187,36 @@ def test_h2o_fused_prefill_keeps_what_the_reference_keeps(norm, monkeypatch, ref
     fused.observe_attention_sums = lambda *a: (calls.append(a[0]), observe(*a))
     assert torch.equal(greedy(model, ids, fused, 12), want)
     assert calls == [0, 1]  # one fused report per layer: the prefill
+    for a, b in zip(fused.layers, ref.layers):
+        assert torch.equal(a.positions, b.positions)
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-6, atol=1e-7)
+
+
+def test_h2o_fused_prefill_of_left_padded_rows_keeps_what_the_reference_keeps(monkeypatch, reference_llama):
+    """Left-padded rows take the one-pass prefill too (generate's padding): same tokens, kept
+    keys and scores as H2O on the plain reference attention with the same padded batch."""
+    from finetune.caches import make_cache
+    from kernels.backends import column_sums
+
+    monkeypatch.setattr(column_sums, "MIN_ROWS", 8)
+    monkeypatch.setattr(column_sums, "BLOCK_ELEMENTS", 64)
+    ids = torch.randint(1, 97, (3, 36))
+    mask = torch.ones_like(ids)
+    ids[1, :11], mask[1, :11] = 0, 0
+    ids[2, :1], mask[2, :1] = 0, 0
+    kw = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    kv = {"method": "h2o", "heavy": 5, "recent": 4, "num_sink_tokens": 2}
+    with torch.no_grad():
+        ref = H2OCache(2, 2, heavy=5, recent=4, num_sink_tokens=2)
+        want = reference_llama().generate(ids, cache=ref, attention_mask=mask, **kw)
+        model = reference_llama()
+        fused = make_cache(model, kv)
+        sums = []
+        observe = fused.observe_attention_sums
+        fused.observe_attention_sums = lambda *a: (sums.append(a[0]), observe(*a))
+        got = model.generate(ids, cache=fused, attention_mask=mask, **kw)
+    assert sums == [0, 1]  # the padded prefill went through the one-pass kernel
+    assert torch.equal(got, want)
     for a, b in zip(fused.layers, ref.layers):
         assert torch.equal(a.positions, b.positions)
         torch.testing.assert_close(a.scores, b.scores, rtol=1e-6, atol=1e-7)

@@ -87,8 +87,11 @@ def test_ring_buffer_matches_brute_force():
             k = torch.randn(2, 2, q, 3)
             pos = torch.arange(n, n + q).expand(2, q)
             before = layer.ordered()[0] if layer.is_initialized else k[..., :0, :]
-            ret, _, _ = layer.update(k, k.clone(), pos)
-            assert torch.equal(ret, torch.cat([before, k], dim=-2))
+            ret, _, rpos = layer.update(k, k.clone(), pos)
+            # held slots may come in ring order (decode); by position they are `before` + k
+            order = rpos[0].argsort()
+            assert torch.equal(ret[..., order, :], torch.cat([before, k], dim=-2))
+            assert rpos[:, -q:].tolist() == pos.tolist()  # the new tokens last
             allk.append(k)
             n += q
             every = torch.cat(allk, dim=-2)

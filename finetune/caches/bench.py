@@ -1,7 +1,7 @@
 """`longtune bench kv`: what each KV cache buys, in bytes, prefill and decode speed, next to full.
 
     python -m finetune.caches.bench [--model smollm2-135m | RUN_DIR | EXPORT_DIR]
-        [--lengths 4096 16384] [--batch 1 4] [--decode 32] [--no-write]
+        [--lengths 4096 16384] [--batch 1 4] [--decode 32] [--methods ...] [--rows FILE] [--no-write]
 
 For each context length and batch size: a fresh cache per method (full = transformers'
 DynamicCache; the LongGen hybrid, the sink cache and H2O at the same budget), a prefill of
@@ -11,9 +11,19 @@ KV bytes held and their fraction of full (next to the formula F/L + (L-F)/L * (W
 and decode tokens/s, peak prefill memory, and each as a ratio to the full cache (x full: > 1 is
 faster / < 1 is smaller). Without `--model` the model is a random Llama of the given shape (the
 hybrid then gets 1/3 full layers in the middle, the rest sink_window); with `--model` (a run
-directory, an export directory or the offline asset `smollm2-135m`) it is that model: `hybrid`
-runs only when it has a LongGen layout. Prints a table and rewrites the `bench:kv` section of
-docs/benchmarks.md with the machine, the date and the command.
+directory, an export directory or the offline asset `smollm2-135m`) it is that model, and
+`hybrid` runs its own LongGen layout or, for a model without one, the same synthetic layout as
+the random model (full layers in the middle, the rest sink_window): the model was not trained
+for it, so only its speed and memory mean anything (the tokens are random anyway). Prints a
+table and rewrites the `bench:kv` section of docs/benchmarks.md with the machine, the date and
+the command.
+
+`--rows FILE` splits a long measurement into pieces (one length, batch or method per process,
+e.g. each under its own hold of a machine lock): each run adds its rows to FILE (JSON; a row of
+the same method, length and batch is replaced) and the section is written from all of FILE's
+rows, the ratios against the full-cache row of the same length and batch wherever it came from;
+(length, batch) pairs asked for but not measured (`--max-tokens`, a piece not run yet) are
+listed as such. Pieces must share the model and cache settings (checked).
 """
 
 from __future__ import annotations
@@ -21,7 +31,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import inspect
+import json
+import os
 import platform
+import shlex
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -105,10 +118,11 @@ def run_one(model, cache, T: int, decode: int, vocab: int, batch: int = 1, seed:
 
 def with_ratios(rows: list[dict]) -> list[dict]:
     """Add each row's ratio to the full cache of the same length and batch: tokens/s (> 1 is
-    faster) and peak prefill memory (< 1 is smaller)."""
+    faster), peak prefill memory (< 1 is smaller) and the KV bytes' fraction."""
     full = {(r["T"], r["batch"]): r for r in rows if r["method"] == "full"}
     for r in rows:
         f = full.get((r["T"], r["batch"]))
+        r["fraction"] = r["nbytes"] / f["nbytes"] if f and f.get("nbytes") else None
         for key, out in (("prefill_tokens_per_s", "prefill_x"), ("decode_tokens_per_s", "decode_x"),
                          ("peak_prefill_bytes", "memory_x")):  # fmt: skip
             r[out] = r[key] / f[key] if f and r.get(key) is not None and f.get(key) else None
@@ -121,6 +135,44 @@ def machine() -> str:
 
 def write_section(path: Path, body: str) -> None:
     benchdoc.write_section(f"{BEGIN}\n{body.rstrip()}\n{END}", "kv", path)
+
+
+METHOD_ORDER = ("full", "hybrid", "sink", "h2o")
+
+
+def merge_rows(path: Path, rows: list[dict], setting: dict, command: str,
+               requested: list[tuple[int, int]] = ()) -> tuple[list[dict], list[str], list[tuple[int, int]]]:
+    """`--rows`: FILE's rows with these replacing any of the same (method, length, batch), saved
+    atomically; (all rows, the commands that measured them, every (length, batch) pair asked
+    for so far, measured or skipped). Raises SystemExit(2) when FILE was measured with other
+    settings (model, shapes, cache budgets, clock)."""
+    old = {"setting": setting, "commands": [], "rows": []}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            old_setting, old_rows, commands = old["setting"], old["rows"], list(old["commands"])
+            pairs = {tuple(x) for x in old.get("pairs", [])}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--rows {path}: not a rows file of `longtune bench kv` ({e})") from None
+        if old_setting != setting:
+            diff = sorted(k for k in set(setting) | set(old_setting) if setting.get(k) != old_setting.get(k))
+            print(f"error: --rows {path} was measured with other settings ({', '.join(diff)}); "
+                  "use another file", file=sys.stderr)  # fmt: skip
+            raise SystemExit(2)
+    else:
+        old_rows, commands, pairs = [], [], set()
+    key = lambda r: (r["method"], r["length"], r["batch"])
+    new = {key(r) for r in rows}
+    merged = [r for r in old_rows if key(r) not in new] + [dict(r) for r in rows]
+    merged.sort(key=lambda r: (r["length"], r["batch"], METHOD_ORDER.index(r["method"])))
+    if rows and command not in commands:  # a run that measured nothing only rewrites the table
+        commands.append(command)
+    pairs = sorted(pairs | {tuple(x) for x in requested} | {(r["length"], r["batch"]) for r in merged})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"setting": setting, "commands": commands, "pairs": pairs, "rows": merged}, indent=1))
+    os.replace(tmp, path)
+    return merged, commands, pairs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +219,9 @@ def run(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--output", type=Path, default=BENCH_MD)
     p.add_argument("--json", type=Path, default=None,
                    help="also write the rows measured so far (after each length and batch) as JSON")
+    p.add_argument("--rows", type=Path, default=None,
+                   help="JSON file that collects rows across runs (pieces); the table shows all of them")
+    p.add_argument("--note", default="", help="a sentence added to the section (e.g. how the pieces' runs differed)")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = p.parse_args(argv)
     if min(args.lengths) < 1 or min(args.batch) < 1 or args.decode < 1 or args.repeat < 1:
@@ -181,21 +236,25 @@ def run(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     W, s = args.window, args.sinks
-    methods = ["full", *[m for m in args.methods if m != "full"]]  # ratios need full first
+    methods = [m for m in METHOD_ORDER if m in args.methods]
+    if "full" not in methods and not args.rows:
+        p.error("--methods without full needs --rows FILE holding the full-cache rows (the ratios' reference)")
     if args.model:
         model = load_model(args.model, args.dtype).to(args.device)
         cfg = model.config
         L, vocab = cfg.num_hidden_layers, cfg.vocab_size
         own = layout_of(cfg)
         hybrid_model = is_hybrid(own)
-        full_idx = [i for i in range(L) if i not in set(sparse_layer_indices(own))]
+        if hybrid_model:
+            full_idx = [i for i in range(L) if i not in set(sparse_layer_indices(own))]
+        else:
+            full_idx = middle_full_layers(L, args.full_fraction)
         base_layout = own if hybrid_model else causal_layout(L)
-        if not hybrid_model and "hybrid" in methods:
-            methods.remove("hybrid")
-            print(f"hybrid skipped: {args.model} has no LongGen sparse layers", flush=True)
         what = (f"{args.model} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} "
                 f"heads / {cfg.num_key_value_heads} KV heads, {args.dtype}"
-                f"{', hybrid layout' if hybrid_model else ''})")  # fmt: skip
+                + (", its own hybrid layout" if hybrid_model else
+                   f"; hybrid: run with a LongGen layout it was not trained for, speed and memory only: full layers "
+                   f"{full_idx[0]}..{full_idx[-1]} (F={len(full_idx)}), the rest sink_window W={W}, s={s}") + ")")  # fmt: skip
     else:
         L, vocab = args.layers, 512
         full_idx = middle_full_layers(L, args.full_fraction)
@@ -220,6 +279,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
         "h2o": {"method": "h2o", "heavy": W // 2, "recent": W - W // 2, "num_sink_tokens": s},
     }
     rows, skipped = [], []
+    full_bytes = None
     for T in args.lengths:
         for B in args.batch:
             if args.max_tokens and B * T > args.max_tokens:
@@ -253,17 +313,29 @@ def run(argv: list[str] | None = None) -> list[dict]:
                 seen = r["seen"]
                 if method == "full":
                     full_bytes = r["nbytes"]
-                frac = r["nbytes"] / full_bytes
                 pred = {"full": 1.0, "hybrid": formula(F, L, W, s, seen)}.get(method, formula(0, L, W, s, seen))
-                rows.append({"method": method, "T": seen, **r, "fraction": frac, "formula": pred})
+                rows.append({"method": method, "length": T, "T": seen, **r, "formula": pred})
+                frac = f"{r['nbytes'] / full_bytes:6.3f} of full " if "full" in methods else ""
                 print(
-                    f"{method:>6} T={seen:>5} batch {B}  KV {r['nbytes'] / 2**20:8.2f} MiB {frac:6.3f} of full "
+                    f"{method:>6} T={seen:>5} batch {B}  KV {r['nbytes'] / 2**20:8.2f} MiB {frac}"
                     f"(formula {pred:6.3f})  prefill {r['prefill_tokens_per_s']:9.1f} tok/s "
                     f"peak {_mib(r['peak_prefill_bytes'])} MiB  decode {r['decode_tokens_per_s']:8.2f} tok/s",
                     flush=True,
                 )
             if args.json is not None:
                 _write_json(args.json, with_ratios(rows), what, W, s, args)
+    command = shlex.join(["python", "-m", "finetune.caches.bench", *(argv if argv is not None else sys.argv[1:])])
+    commands = [command]
+    if args.rows:
+        setting = {"model": what, "window": W, "sinks": s, "decode": args.decode, "clock": args.clock,
+                   "threads": torch.get_num_threads(), "repeat": args.repeat}  # fmt: skip
+        requested = [(T, B) for T in args.lengths for B in args.batch]
+        rows, commands, pairs = merge_rows(args.rows, rows, setting, command, requested)
+        have = {(r["method"], r["length"], r["batch"]) for r in rows}
+        ran = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
+        skipped = [f"batch {B} at {T}" for T, B in pairs if not any((m, T, B) in have for m in ran)]
+        skipped += [f"{m} at {T} batch {B}" for T, B in pairs for m in ran
+                    if (m, T, B) not in have and any((x, T, B) in have for x in ran)]  # fmt: skip
     with_ratios(rows)
     table = [
         (
@@ -274,7 +346,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
     ]
     for r in rows:
         table.append(
-            f"| {r['method']} | {r['T']} | {r['batch']} | {r['nbytes'] / 2**20:.2f} | {r['fraction']:.3f} "
+            f"| {r['method']} | {r['T']} | {r['batch']} | {r['nbytes'] / 2**20:.2f} | {_x(r['fraction'], 3)} "
             f"| {r['formula']:.3f} | {r['prefill_tokens_per_s']:.1f} | {_x(r['prefill_x'])} "
             f"| {_mib(r['peak_prefill_bytes'])} | {_x(r['memory_x'])} | {r['decode_tokens_per_s']:.2f} "
             f"| {_x(r['decode_x'])} |"
@@ -286,14 +358,16 @@ def run(argv: list[str] | None = None) -> list[dict]:
         f"Formula: F/L + (L-F)/L x (W+s)/T (hybrid), (W+s)/T (sink, H2O: every layer compressed). "
         f"x full: this method's tokens/s (prefill, decode) or peak prefill memory over the full cache's "
         f"at the same T and batch."
-        + (f" Not measured (--max-tokens {args.max_tokens}): {', '.join(skipped)}." if skipped else "")
+        + (f" Not measured: {', '.join(skipped)}." if skipped else "")
+        + (f" {args.note.strip()}" if args.note.strip() else "")
     )
     body = "\n".join(
         [
             "## KV caches (`longtune bench kv`)",
             "",
             f"Machine: {machine()}. Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
-            f"Command: `{' '.join(['python -m finetune.caches.bench', *(argv if argv is not None else sys.argv[1:])])}`.",
+            ("Command: " if len(commands) == 1 else "Commands (one piece each, rows merged with `--rows`): ")
+            + "; ".join(f"`{c}`" for c in commands) + ".",
             "",
             header,
             "",
@@ -332,8 +406,8 @@ def _mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f}"
 
 
-def _x(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.2f}"
+def _x(v: float | None, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
 
 
 if __name__ == "__main__":

@@ -8,17 +8,18 @@ registered (transformers `AttentionInterface`) as "longtune_h2o"; `make_cache` s
 `method: h2o`. It hands every call to kernels' "longtune" unchanged except two, for layers whose
 pattern is causal at inference:
 
-- the prefill (queries == keys at 0..L-1, no padding): one fused causal pass that also returns
-  each row's log-sum-exp (kernels/backends/lse.py, PyTorch's CPU flash kernel), then the key
-  scores as column sums of exp(q.k * scale - lse) over causal key ranges, in query blocks of a
-  bounded size (no (L, L) tensor), reported with `observe_attention_sums`;
+- the prefill (queries == keys at 0..L-1, rows left-padded at most, as generate pads them), when
+  no gradient is wanted: one pass that computes the attention and each key's summed
+  probability together (kernels/backends/column_sums.py: per block of query rows, one q.k
+  matmul over the visible keys, an exact in-place softmax, P.v and the column sums), the
+  scores reported with `observe_attention_sums`;
 - decode steps (keys kept per KV head, `longtune_kv_head_positions`): one mask for all KV heads
   from kernels.masks (heads folded into the batch) and one small explicit softmax whose
   probabilities go to `observe_attention`.
 
-The masks come from kernels.masks (`build_context`, `dense_mask`); causality is the only
-structure used, through the kernel's `is_causal`, as kernels/backends/sdpa.py does. Left-padded
-prefills, sparse patterns and anything else go to kernels' "longtune".
+The masks come from kernels.masks (`build_context`, `dense_mask`); the prefill uses causality and
+each row's first real token only. Packed documents, sparse patterns, training and anything else
+go to kernels' "longtune".
 """
 
 from __future__ import annotations
@@ -28,9 +29,6 @@ import torch
 from .base import HEAD_POSITIONS_KEY, OBSERVER_KEY, POSITIONS_KEY
 
 NAME = "longtune_h2o"
-#: query rows per block of the column sums, and a bound on one block's elements (float32: 64 MiB)
-ROWS = 32
-BLOCK_ELEMENTS = 1 << 24
 
 
 def _inference_spec(module) -> dict | None:
@@ -46,40 +44,21 @@ def _inference_spec(module) -> dict | None:
     return {"pattern": "causal"} if spec["pattern"] in TRAINING_ONLY else spec
 
 
-def column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
-    """(B, H, L): for causal self-attention at positions 0..L-1, the sum over queries i >= j of
-    the softmax probability p_ij = exp(scale * q_i.k_j - lse_i), per query head.
-
-    Query blocks of ROWS rows, each against only the keys it can see, all heads in one batched
-    matmul; the -lse_i is folded into that matmul (q extended by -lse, k by 1), so a block costs
-    one matmul, one in-place exp and one sum. Small blocks stay in cache (measured faster than
-    large ones on one CPU thread); few ops per block keep thread-pool overhead low."""
-    B, H, L, D = q.shape
-    Hkv = k.shape[1]
-    rep = H // Hkv
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    rows = max(1, min(ROWS, BLOCK_ELEMENTS // max(1, B * H * L)))
-    future = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu(1)
-    ones = torch.ones(B, Hkv, L, 1, dtype=work, device=q.device)
-    kt = torch.cat([k.to(work), ones], dim=-1).transpose(-1, -2).reshape(B * Hkv, D + 1, L)
-    qa = torch.cat([q.to(work) * scale, -lse[..., None].to(work)], dim=-1).view(B, Hkv, rep, L, D + 1)
-    sums = torch.zeros(B, Hkv, rep, L, dtype=work, device=q.device)
-    for a in range(0, L, rows):
-        b = min(L, a + rows)
-        c = b - a
-        s = torch.bmm(qa[:, :, :, a:b].reshape(B * Hkv, rep * c, D + 1), kt[:, :, :b])
-        s = s.exp_().view(B, Hkv, rep, c, b)
-        s[..., a:b].masked_fill_(future[:c, :c], 0.0)
-        sums[..., :b] += s.sum(dim=3)
-    return sums.view(B, H, L)
+def _left_padding(ctx) -> torch.Tensor | None:
+    """(B,) index of each row's first real token when the prefill is causal self-attention over
+    left-padded rows, one document each (what generate passes); None for anything else."""
+    valid = ctx.valid_q
+    starts = valid.shape[1] - valid.sum(dim=1)
+    suffix = torch.arange(valid.shape[1], device=valid.device) >= starts[:, None]
+    if not torch.equal(valid, suffix) or bool((ctx.doc_q[valid] != 0).any()):
+        return None
+    return starts
 
 
-def _prefill(module, query, key, value, scale, observer):
-    from kernels.backends.lse import causal_attention_with_lse
+def _prefill(module, query, key, value, scale, observer, starts):
+    from kernels.backends.column_sums import causal_attention_with_column_sums
 
-    out, lse = causal_attention_with_lse(query, key, value, scale)
-    with torch.no_grad():
-        sums = column_sums(query.detach(), key.detach(), lse.detach(), scale)
+    out, sums = causal_attention_with_column_sums(query, key, value, scale, starts)
     observer.observe_attention_sums(module.layer_idx, sums, query.shape[2])
     return out
 
@@ -92,6 +71,23 @@ def _decode(module, query, key, value, attention_mask, kwargs, spec, scale, obse
     B, H, Lq, D = query.shape
     Hkv, Lk = key.shape[1], key.shape[2]
     rep = H // Hkv
+    if Lq == 1:  # a decode step: the query sees its own key at least, no empty row to guard
+        # kernels.masks' causal mask for one query, spelled directly (building the general
+        # context per layer and step cost more than the attention at small budgets): a kept
+        # key is visible when it is a real slot at or before the query's position
+        kpos = kwargs[HEAD_POSITIONS_KEY]  # (B, Hkv, Lk), -1: empty
+        qpos = kwargs.get("position_ids")
+        qpos = kpos[..., -1:] if qpos is None else qpos.to(query.device).long().expand(B, 1).view(B, 1, 1)
+        visible = (kpos >= 0) & (kpos <= qpos)
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] == Lk:
+            visible &= attention_mask.to(device=query.device, dtype=torch.bool).view(B, 1, Lk)
+        work = torch.float64 if query.dtype == torch.float64 else torch.float32
+        q = query.reshape(B, Hkv, rep, D).to(work)
+        scores = torch.matmul(q, key.to(work).transpose(-1, -2)).mul_(scale)  # (B, Hkv, rep, Lk)
+        probs = torch.softmax(scores.masked_fill_(~visible.view(B, Hkv, 1, Lk), float("-inf")), dim=-1)
+        out = torch.matmul(probs, value.to(work)).to(query.dtype).view(B, H, 1, value.shape[-1])
+        observer.observe_attention(module.layer_idx, probs.view(B, H, 1, Lk))
+        return out
     pos = kwargs[HEAD_POSITIONS_KEY].reshape(B * Hkv, Lk)
     qpos = kwargs.get("position_ids")
     if qpos is not None:
@@ -99,14 +95,6 @@ def _decode(module, query, key, value, attention_mask, kwargs, spec, scale, obse
     pad = attention_mask.repeat_interleave(Hkv, dim=0) if attention_mask is not None else None
     ctx = build_context(B * Hkv, Lq, Lk, query.device, attention_mask=pad, position_ids=qpos, kv_positions=pos)
     mask = dense_mask(spec, ctx, 1).view(B, Hkv, 1, Lq, Lk)
-    if Lq == 1:  # a decode step: the query sees its own key at least, no empty row to guard
-        work = torch.float64 if query.dtype == torch.float64 else torch.float32
-        q = query.reshape(B, Hkv, rep, D).to(work)
-        scores = torch.matmul(q, key.to(work).transpose(-1, -2)).mul_(scale)  # (B, Hkv, rep, Lk)
-        probs = torch.softmax(scores.masked_fill_(~mask.view(B, Hkv, 1, Lk), float("-inf")), dim=-1)
-        out = torch.matmul(probs, value.to(work)).to(query.dtype).view(B, H, 1, value.shape[-1])
-        observer.observe_attention(module.layer_idx, probs.view(B, H, 1, Lk))
-        return out
     mask = mask.expand(B, Hkv, rep, Lq, Lk).reshape(B, H, Lq, Lk)
     chunk = int(getattr(observer, "prefill_chunk", 512) or Lq)
     outs = []
@@ -141,11 +129,21 @@ def h2o_attention_forward(module, query, key, value, attention_mask, dropout: fl
     if kwargs.get(HEAD_POSITIONS_KEY) is not None and not head_dependent(spec, H):
         out = _decode(module, query, key, value, attention_mask, kwargs, spec, scale, observer)
         return out.transpose(1, 2).contiguous(), None
-    if Lq == Lk and kwargs.get(POSITIONS_KEY) is None:
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if Lq == Lk and kwargs.get(HEAD_POSITIONS_KEY) is None and not grad:
         ctx = build_context(B, Lq, Lk, query.device, attention_mask=attention_mask,
                             position_ids=kwargs.get("position_ids"))  # fmt: skip
-        if ctx.trivial:
-            return _prefill(module, query, key, value, scale, observer).transpose(1, 2).contiguous(), None
+        starts = None if ctx.trivial else _left_padding(ctx)
+        kpos = kwargs.get(POSITIONS_KEY)
+        if kpos is not None:  # the cache's key positions: a first prefill's, left padding -1
+            want = torch.arange(Lk, device=query.device).expand(B, Lk)
+            if starts is not None:
+                want = torch.where(want >= starts[:, None], want - starts[:, None], -1)
+            if not torch.equal(kpos.to(want.device).expand(B, Lk), want):
+                starts, ctx = None, None
+        if (ctx is not None and ctx.trivial) or starts is not None:
+            out = _prefill(module, query, key, value, scale, observer, starts)
+            return out.transpose(1, 2).contiguous(), None
     return longtune_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)  # fmt: skip
 

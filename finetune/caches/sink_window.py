@@ -16,9 +16,11 @@ Per layer: the first `num_sink_tokens` tokens (pinned slots) plus a ring buffer 
   theirs, which gives exactly the in-cache distances (the positions reported to the attention
   function are these shifted ones, so masks stay causal). Causal layers only.
 
-`update` returns sinks + window in position order followed by the new tokens, with their
-positions in `kwargs["longtune_kv_positions"]`; the attention function decides what each
-query may see (plain causal for `method: sink`, the layer's pattern for the LongGen hybrid).
+`update` returns sinks + window followed by the new tokens, with their positions in
+`kwargs["longtune_kv_positions"]`; the attention function decides what each query may see
+(plain causal for `method: sink`, the layer's pattern for the LongGen hybrid) from those
+positions. With absolute positions, once the ring is full a decode step returns the held slots
+in ring order (no reordering copy); otherwise they come in position order.
 """
 
 from __future__ import annotations
@@ -82,6 +84,18 @@ class SinkWindowLayer(CompactLayer):
         s, w = self.num_sink_tokens, self.window
         q = key_states.shape[-2]
         stored = key_states if self.rope is None else self._rotate(key_states, positions, inverse=True)
+        if self.rope is None and self.ring and q < w:
+            # decode with absolute positions: the attention function masks from the positions,
+            # so the held slots go out in ring order (no reordering gather per layer and step)
+            keys = torch.cat([self.keys, stored], dim=-2)
+            values = torch.cat([self.values, value_states], dim=-2)
+            pos = torch.cat([self.positions, positions], dim=-1)
+            start, self.seen = self.seen, self.seen + q
+            slots = s + (torch.arange(start, self.seen, device=self.device) - s) % w
+            self.keys.index_copy_(-2, slots, stored)
+            self.values.index_copy_(-2, slots, value_states)
+            self.positions.index_copy_(-1, slots, positions.contiguous())
+            return keys, values, pos
         old_k, old_v, old_p = self.ordered()
         keys = torch.cat([old_k, stored], dim=-2)
         values = torch.cat([old_v, value_states], dim=-2)

@@ -82,6 +82,8 @@ def _step(model, params, inputs, loss_fn):
     opt = torch.optim.AdamW(params, lr=1e-5)
     t0 = time.perf_counter()
     loss = loss_fn(model, inputs)
+    # what a run killed by the timeout still reports (the parent reads it from the pipe)
+    print(json.dumps({"progress": "forward", "seconds": time.perf_counter() - t0}), flush=True)
     loss.backward()
     opt.step()
     return time.perf_counter() - t0, float(loss)
@@ -197,10 +199,13 @@ def measure(variant: str, length: int, timeout: int, cap_gib: float | None = MEM
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
-    except subprocess.TimeoutExpired:
-        return {"variant": variant, "length": length, "error": f"not finished in {timeout} s"}
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        done = [json.loads(line) for line in out.splitlines() if line.startswith('{"progress"')]
+        note = f" (forward took {done[-1]['seconds']:.0f} s)" if done else " (forward not finished)"
+        return {"variant": variant, "length": length, "error": f"not finished in {timeout} s{note}"}
     for line in reversed(p.stdout.splitlines()):
-        if line.startswith("{"):
+        if line.startswith("{") and not line.startswith('{"progress"'):
             return json.loads(line)
     killed = p.returncode in (-9, 137)
     tail = (p.stderr or "").strip().splitlines()[-1:] or [""]
@@ -321,16 +326,20 @@ def main(argv=None) -> int:
                 failed.setdefault(variant, r)
         print(json.dumps(r), flush=True)
         rows.append(r)
-    results = merge(stored, run, rows)
-    text = table(results)
+        if not args.no_write:  # after every row: a run stopped halfway keeps what it measured
+            save(merge(stored, run, rows))
+    text = table(merge(stored, run, rows))
     print(text)
     if not args.no_write:
-        from finetune.rundir import atomic_write_text
-
-        atomic_write_text(RESULTS, json.dumps(results, indent=1) + "\n")
-        write_section(text)
         print(f"wrote {RESULTS} and {DOC}")
     return 0
+
+
+def save(results: dict) -> None:
+    from finetune.rundir import atomic_write_text
+
+    atomic_write_text(RESULTS, json.dumps(results, indent=1) + "\n")
+    write_section(table(results))
 
 
 if __name__ == "__main__":

@@ -55,3 +55,10 @@ def _capped(nbytes: int, cap_gib: float) -> dict:
 def test_memory_cap_turns_an_allocation_into_an_oom_row():
     assert _capped(64 << 20, 1.0)["sum"] == (64 << 20) // 4  # under the cap: the step runs
     assert _capped(3 << 30, 1.0) == {"variant": "peer", "length": 7, "error": "OOM (> 1 GiB)"}
+
+
+def test_timeout_row_says_how_far_the_step_got(monkeypatch):
+    real = subprocess.run
+    script = "import json,time; print(json.dumps({'progress':'forward','seconds':1.5}), flush=True); time.sleep(60)"
+    monkeypatch.setattr(lb.subprocess, "run", lambda cmd, **kw: real([sys.executable, "-c", script], **kw))
+    assert lb.measure("peer", 8, 3) == {"variant": "peer", "length": 8, "error": "not finished in 3 s (forward took 2 s)"}

@@ -4,12 +4,13 @@ At 64K+ tokens the largest tensors of a LoRA step are not attention's: they are 
 ([tokens, vocab] in fp32, twice: values and gradient) and the MLP's [tokens, FFN] activations.
 DeepSpeed's ALST components remove both; this module only wires them into our model:
 
-- tiled logits + loss: ``deepspeed...ulysses_sp.sequence_tiled_compute`` runs lm_head + cross
-  entropy over tiles of ``tiled_loss_tokens`` tokens and recomputes each tile in backward, so
-  at most one tile's logits exist at a time. (DeepSpeed's ``TiledFusedLogitsLoss`` computes the
-  lm_head weight gradient inside forward with an incoming gradient of 1: any later scaling of
-  the loss, gradient accumulation or the sequence-parallel reduction, would not reach that
-  gradient, so it is not used here.)
+- tiled logits + loss: lm_head + cross entropy over tiles of ``tiled_loss_tokens`` tokens, so at
+  most one tile's logits exist at a time. ``fused_linear_cross_entropy`` (ours) makes the
+  gradients tile by tile in the forward and only scales them in backward: no recomputation.
+  (DeepSpeed's ``TiledFusedLogitsLoss`` also computes in forward, but writes the lm_head weight
+  gradient with an incoming gradient of 1: any later scaling of the loss, gradient accumulation
+  or the sequence-parallel reduction, would not reach it.) Under ZeRO-3 the head runs as a
+  module per tile through DeepSpeed's ``sequence_tiled_compute``, which recomputes in backward.
 - tiled MLP: ``TiledMLP`` runs each decoder MLP over tiles and recomputes it in backward.
   Installed per instance (``install_tiled_mlp``): every MLP object gets a subclass of its own
   class whose ``forward`` tiles; state-dict names and peft's LoRA layers inside are untouched,

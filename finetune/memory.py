@@ -102,7 +102,20 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias:
     and the backward only scales the stored gradients by the incoming one (so gradient
     accumulation's and the sequence group's scaling reach the weight gradient too)."""
     h = hidden.shape[-1]
+    if not torch.is_grad_enabled():  # evaluation: the loss alone (inside apply no gradient is known unwanted)
+        with torch.no_grad():
+            return _FusedLinearCE.forward(_NoGrad(), hidden.reshape(-1, h), weight, bias, labels.reshape(-1),
+                                          max(1, int(tile_tokens)))
     return _FusedLinearCE.apply(hidden.reshape(-1, h), weight, bias, labels.reshape(-1), max(1, int(tile_tokens)))
+
+
+class _NoGrad:
+    """The ``ctx`` of a forward run outside autograd: no input wants a gradient."""
+
+    needs_input_grad = (False,) * 5
+
+    def save_for_backward(self, *tensors):
+        pass
 
 
 class _FusedLinearCE(torch.autograd.Function):

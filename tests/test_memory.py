@@ -251,3 +251,26 @@ def test_tiled_loss_tied_embeddings():
         assert_same(a, b)
         assert b[2] <= 2 * 16
         assert any("lm_head" in k for k in b[1]) != tied  # untied: lm_head's copy is trained
+
+
+def test_fused_loss_without_grad_computes_only_the_loss():
+    """Evaluation (no_grad): the same loss, and no gradient matmuls (one mm per tile, not three)."""
+    from finetune.memory import fused_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 30, 8, requires_grad=True, generator=g)
+    w = torch.randn(11, 8, requires_grad=True, generator=g)
+    labels = torch.randint(0, 11, (1, 30), generator=g)
+    ref = F.cross_entropy(F.linear(x, w).reshape(-1, 11), labels.reshape(-1), reduction="sum")
+
+    class CountMM(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountMM.n += func.__name__.startswith(("mm", "addmm"))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), CountMM():
+        loss = fused_linear_cross_entropy(x, w, None, labels, 10)
+    assert loss.grad_fn is None and CountMM.n == 3
+    torch.testing.assert_close(loss, ref.detach())

@@ -16,8 +16,14 @@ step (not the model load), peak memory is the process's peak resident set during
 (finetune/model.py ``estimate``, one rank, no DeepSpeed) and its ratio to the measurement;
 ``--estimate-lengths`` (default 1024 2048) adds ``longtune`` rows at cheap lengths for that check.
 
-The table goes to docs/benchmarks.md between the bench:long markers. The full run (4k..32k,
-~1 hour on 2 cores) is for a quiet machine; ``--lengths 256 --estimate-lengths --no-write`` smoke-tests it.
+Every measured row is kept in docs/benchmarks_long.json (RESULTS) with the run that made it (date,
+machine, command): a run replaces only the (length, variant) rows it measured, and the table in
+docs/benchmarks.md (between the bench:long markers) is drawn from all stored rows, so lengths can be
+measured in separate runs. Each worker may grow its address space by at most ``--memory-cap`` GiB
+(RLIMIT_AS): an allocation past it fails inside the worker, which reports the row as
+``OOM (> N GiB)`` instead of the kernel's OOM killer picking a victim on a shared machine; once a
+variant is out of memory its longer lengths are not run. The full run (4k..32k, about an hour on 2
+cores) is for a quiet machine; ``--lengths 256 --estimate-lengths --no-write`` smoke-tests it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -34,6 +41,8 @@ from pathlib import Path
 from kernels import benchdoc
 
 DOC = benchdoc.DOC
+RESULTS = DOC.with_name("benchmarks_long.json")
+MEMORY_CAP_GIB = 22.0
 START, END = benchdoc.markers("long")
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m-16k.yaml"
 VARIANTS = ("longtune", "longtune+memory", "peer")
@@ -73,9 +82,51 @@ def _step(model, params, inputs, loss_fn):
     opt = torch.optim.AdamW(params, lr=1e-5)
     t0 = time.perf_counter()
     loss = loss_fn(model, inputs)
+    # what a run killed by the timeout still reports (the parent reads it from the pipe)
+    print(json.dumps({"progress": "forward", "seconds": time.perf_counter() - t0}), flush=True)
     loss.backward()
     opt.step()
     return time.perf_counter() - t0, float(loss)
+
+
+def vm_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cap_address_space(cap_gib: float) -> None:
+    """From here on this process's address space may grow by at most ``cap_gib`` GiB: an
+    allocation past it fails (torch raises) instead of the machine running out of memory."""
+    limit = vm_bytes() + int(cap_gib * 2**30)
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text \
+        or "cannot allocate memory" in text
+
+
+def oom_text(cap_gib: float) -> str:
+    return f"OOM (> {cap_gib:g} GiB)"
+
+
+def capped_worker(variant: str, length: int, cap_gib: float | None) -> dict:
+    """``worker`` under the memory cap; an allocation failure becomes an ``OOM`` row."""
+    import torch  # imported before the cap is set: its libraries are not the step's memory
+
+    if cap_gib:
+        cap_address_space(cap_gib)
+    try:
+        return worker(variant, length)
+    except (RuntimeError, MemoryError) as exc:
+        if cap_gib and out_of_memory(exc):
+            del exc
+            return {"variant": variant, "length": length, "error": oom_text(cap_gib)}
+        raise
+    finally:
+        del torch
 
 
 def worker(variant: str, length: int) -> dict:
@@ -140,49 +191,100 @@ def peer_model(recipe):
     return model
 
 
-def measure(variant: str, length: int, timeout: int) -> dict:
-    cmd = [sys.executable, "-m", "finetune.long_bench", "--worker", variant, str(length)]
+def measure(variant: str, length: int, timeout: int, cap_gib: float | None = MEMORY_CAP_GIB) -> dict:
+    cmd = [sys.executable, "-m", "finetune.long_bench", "--worker", variant, str(length),
+           "--memory-cap", str(cap_gib or 0)]
     # A fixed mmap threshold: every large tensor is its own mapping, returned to the system when
     # freed, so the resident set follows the live tensors (glibc otherwise keeps freed heap).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
-    except subprocess.TimeoutExpired:
-        return {"variant": variant, "length": length, "error": f"timeout {timeout}s"}
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        done = [json.loads(line) for line in out.splitlines() if line.startswith('{"progress"')]
+        note = f" (forward took {done[-1]['seconds']:.0f} s)" if done else " (forward not finished)"
+        return {"variant": variant, "length": length, "error": f"not finished in {timeout} s{note}"}
     for line in reversed(p.stdout.splitlines()):
-        if line.startswith("{"):
+        if line.startswith("{") and not line.startswith('{"progress"'):
             return json.loads(line)
     killed = p.returncode in (-9, 137)
     tail = (p.stderr or "").strip().splitlines()[-1:] or [""]
-    return {"variant": variant, "length": length,
-            "error": "out of memory (killed)" if killed or "memory" in tail[0].lower() else f"failed: {tail[0][:120]}"}
+    if killed:
+        error = "killed (out of memory?)"
+    elif "memory" in tail[0].lower() or "bad_alloc" in tail[0]:
+        error = oom_text(cap_gib) if cap_gib else "out of memory"
+    else:
+        error = f"failed (exit {p.returncode}): {tail[0][:120]}"
+    return {"variant": variant, "length": length, "error": error}
 
 
-def table(rows: list[dict], argv_text: str) -> str:
+def run_info(argv_text: str) -> dict:
     import torch
 
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{benchdoc.cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()}",
+            "command": f"python -m finetune.long_bench {argv_text}".strip()}
+
+
+def load_results(path: Path = RESULTS) -> dict:
+    if not path.exists():
+        return {"runs": [], "rows": []}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{path}: expected {{'runs': [...], 'rows': [...]}}")
+    return data
+
+
+def merge(stored: dict, run: dict, rows: list[dict]) -> dict:
+    """``stored`` with ``rows`` (measured by ``run``) in place of the stored rows of the same
+    (length, variant); runs no row refers to any more are dropped, the rest renumbered."""
+    new_keys = {(r["length"], r["variant"]) for r in rows}
+    kept = [(stored["runs"][r["run"]], r) for r in stored["rows"] if (r["length"], r["variant"]) not in new_keys]
+    pairs = kept + [(run, r) for r in rows]
+    runs: list[dict] = []
+    out = []
+    for info, r in pairs:
+        if info not in runs:
+            runs.append(info)
+        out.append({**r, "run": runs.index(info)})
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    out.sort(key=lambda r: (r["length"], order.get(r["variant"], len(order))))
+    return {"runs": runs, "rows": out}
+
+
+def run_label(i: int) -> str:
+    return chr(ord("A") + i) if i < 26 else f"R{i}"
+
+
+def table(results: dict) -> str:
+    rows, runs = results["rows"], results["runs"]
     lines = [START, "## Long sequences: one SmolLM2-135M training step (`longtune bench long`)", "",
-             (f"Machine: {benchdoc.cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-             f"{platform.system()}. Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."),
-             f"Command: `python -m finetune.long_bench {argv_text}`.", "",
-             ("LoRA+ (r 8 on q/k/v/o, embeddings and norms trained), fp32, batch 1, gradient checkpointing, one "
-             "forward + backward + AdamW step on random tokens, one model per process. `longtune`: SF-Attn "
-             "(group 1/4, 4 sinks) on the CPU block kernels; `+memory`: tiled loss, tiled MLP and checkpoint "
-             "offload on (the offload cannot save host memory on a CPU); `peer`: transformers SDPA (full causal) "
-             "+ peft LoRA, same rank and trained modules. Peak = peak resident set during the step (Linux VmHWM, "
-             "reset after loading) minus the resident set before the model was built. Estimate = `longtune train --dry-run`'s per-rank total for that run."), "",
-             "| tokens | variant | step s | peak GiB | speed-up vs peer | estimate GiB | estimate / peak |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "Runs (every row says which made it; rows are kept in `docs/benchmarks_long.json`):", ""]
+    lines += [f"- {run_label(i)}: {r['date']}, {r['machine']}. Command: `{r['command']}`." for i, r in enumerate(runs)]
+    lines += ["",
+              ("LoRA+ (r 8 on q/k/v/o, embeddings and norms trained), fp32, batch 1, gradient checkpointing, one "
+               "forward + backward + AdamW step on random tokens, one model per process. `longtune`: SF-Attn "
+               "(group 1/4, 4 sinks) on the CPU block kernels; `+memory`: tiled loss, tiled MLP and checkpoint "
+               "offload on (the offload cannot save host memory on a CPU); `peer`: transformers SDPA (full causal) "
+               "+ peft LoRA, same rank and trained modules. Peak = peak resident set during the step (Linux VmHWM, "
+               "reset after loading) minus the resident set before the model was built. Estimate = `longtune train "
+               "--dry-run`'s per-rank total for that run. `OOM (> N GiB)`: the worker's address space may grow by N "
+               "GiB at most (RLIMIT_AS) and the step needed more; a variant out of memory is not run at longer "
+               "lengths. Speed-up = the peer's step time / this row's, both from the same run."), "",
+              "| tokens | variant | step s | peak GiB | speed-up vs peer | estimate GiB | estimate / peak | run |",
+              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     peer = {r["length"]: r for r in rows if r["variant"] == "peer" and "error" not in r}
     for r in rows:
+        label = run_label(r["run"])
         if "error" in r:
-            lines.append(f"| {r['length']} | {r['variant']} | {r['error']} | | | | |")
+            lines.append(f"| {r['length']} | {r['variant']} | {r['error']} | | | | | {label} |")
             continue
         p = peer.get(r["length"])
-        speed = f"{p['seconds'] / r['seconds']:.2f}x" if p and r["variant"] != "peer" else ""
+        speed = (f"{p['seconds'] / r['seconds']:.2f}x" if p and r["variant"] != "peer" and p["run"] == r["run"]
+                 else "")
         est = r.get("estimate_gib")
         lines.append(f"| {r['length']} | {r['variant']} | {r['seconds']:.1f} | {r['peak_gib']:.2f} | {speed} | "
-                     + (f"{est:.2f} | {est / r['peak_gib']:.2f} |" if est else " | |"))
+                     + (f"{est:.2f} | {est / r['peak_gib']:.2f} |" if est else " | |") + f" {label} |")
     lines += ["", END]
     return "\n".join(lines)
 
@@ -199,29 +301,45 @@ def main(argv=None) -> int:
     ap.add_argument("--estimate-lengths", type=int, nargs="*", default=[1024, 2048],
                     help="extra `longtune` rows holding the dry-run estimate against the measured peak")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per measurement")
+    ap.add_argument("--memory-cap", type=float, default=MEMORY_CAP_GIB,
+                    help="GiB the address space of each measurement may grow by (0: no cap)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     ap.add_argument("--worker", nargs=2, metavar=("VARIANT", "LENGTH"), help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]))), flush=True)
+        print(json.dumps(capped_worker(args.worker[0], int(args.worker[1]), args.memory_cap)), flush=True)
         return 0
+    stored = load_results() if not args.no_write else {"runs": [], "rows": []}
+    run = run_info(" ".join(argv))
     rows = []
-    for length in args.estimate_lengths:
-        r = measure("longtune", length, args.timeout)
+    plan = [(n, "longtune") for n in args.estimate_lengths]
+    plan += [(n, v) for n in sorted(args.lengths) for v in args.variants]
+    failed: dict[str, dict] = {}  # variant -> its first out-of-memory row
+    for length, variant in plan:
+        if variant in failed and length > failed[variant]["length"]:
+            r = {"variant": variant, "length": length,
+                 "error": f"not run ({failed[variant]['error']} at {failed[variant]['length']})"}
+        else:
+            r = measure(variant, length, args.timeout, args.memory_cap)
+            if "OOM" in r.get("error", "") or "killed" in r.get("error", ""):
+                failed.setdefault(variant, r)
         print(json.dumps(r), flush=True)
         rows.append(r)
-    for length in args.lengths:
-        for variant in args.variants:
-            r = measure(variant, length, args.timeout)
-            print(json.dumps(r), flush=True)
-            rows.append(r)
-    text = table(rows, " ".join(argv))
+        if not args.no_write:  # after every row: a run stopped halfway keeps what it measured
+            save(merge(stored, run, rows))
+    text = table(merge(stored, run, rows))
     print(text)
     if not args.no_write:
-        write_section(text)
-        print(f"wrote {DOC}")
+        print(f"wrote {RESULTS} and {DOC}")
     return 0
+
+
+def save(results: dict) -> None:
+    from finetune.rundir import atomic_write_text
+
+    atomic_write_text(RESULTS, json.dumps(results, indent=1) + "\n")
+    write_section(table(results))
 
 
 if __name__ == "__main__":

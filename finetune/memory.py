@@ -4,12 +4,13 @@ At 64K+ tokens the largest tensors of a LoRA step are not attention's: they are 
 ([tokens, vocab] in fp32, twice: values and gradient) and the MLP's [tokens, FFN] activations.
 DeepSpeed's ALST components remove both; this module only wires them into our model:
 
-- tiled logits + loss: ``deepspeed...ulysses_sp.sequence_tiled_compute`` runs lm_head + cross
-  entropy over tiles of ``tiled_loss_tokens`` tokens and recomputes each tile in backward, so
-  at most one tile's logits exist at a time. (DeepSpeed's ``TiledFusedLogitsLoss`` computes the
-  lm_head weight gradient inside forward with an incoming gradient of 1: any later scaling of
-  the loss, gradient accumulation or the sequence-parallel reduction, would not reach that
-  gradient, so it is not used here.)
+- tiled logits + loss: lm_head + cross entropy over tiles of ``tiled_loss_tokens`` tokens, so at
+  most one tile's logits exist at a time. ``fused_linear_cross_entropy`` (ours) makes the
+  gradients tile by tile in the forward and only scales them in backward: no recomputation.
+  (DeepSpeed's ``TiledFusedLogitsLoss`` also computes in forward, but writes the lm_head weight
+  gradient with an incoming gradient of 1: any later scaling of the loss, gradient accumulation
+  or the sequence-parallel reduction, would not reach it.) Under ZeRO-3 the head runs as a
+  module per tile through DeepSpeed's ``sequence_tiled_compute``, which recomputes in backward.
 - tiled MLP: ``TiledMLP`` runs each decoder MLP over tiles and recomputes it in backward.
   Installed per instance (``install_tiled_mlp``): every MLP object gets a subclass of its own
   class whose ``forward`` tiles; state-dict names and peft's LoRA layers inside are untouched,
@@ -47,7 +48,14 @@ def tiled_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, shift_labels:
     computed ``tile_tokens`` tokens at a time: the full [tokens, vocab] logits never exist.
 
     hidden (B, T, h) (the final norm's output), shift_labels (B, T) already shifted (label of
-    position t is the token at t + 1)."""
+    position t is the token at t + 1). A plain linear head (every case but ZeRO-3) goes through
+    ``fused_linear_cross_entropy``: the gradients are made tile by tile in the forward, nothing is
+    recomputed. Under ZeRO-3 the head's weight exists only inside its module's forward, so the
+    head is called as a module, per tile, through DeepSpeed's ``sequence_tiled_compute``
+    (which recomputes each tile in backward)."""
+    head = plain_linear(lm_head)
+    if head is not None:
+        return fused_linear_cross_entropy(hidden, head.weight, head.bias, shift_labels, tile_tokens)
     from deepspeed.runtime.sequence_parallel.ulysses_sp import sequence_tiled_compute
 
     def loss_fn(x, y):
@@ -64,6 +72,99 @@ def tiled_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, shift_labels:
         grad_requiring_tensor_key="x", compute_params=trainable(lm_head),
         output_unshard_dimension=0, output_reduction="sum",
     )
+
+
+def plain_linear(module: torch.nn.Module) -> torch.nn.Linear | None:
+    """The nn.Linear that computes ``module``'s output (peft's modules_to_save wrapper resolved
+    to its active copy), or None when the output is not just ``F.linear`` of its weight: hooks,
+    an instance-level forward, LoRA on the head, ZeRO-3 partitioned parameters (``ds_id``)."""
+    if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):  # peft ModulesToSaveWrapper
+        active = module.active_adapter
+        active = active[0] if isinstance(active, (list, tuple)) and len(active) == 1 else active
+        if getattr(module, "disable_adapters", False) or active not in module.modules_to_save:
+            module = module.original_module
+        else:
+            module = module.modules_to_save[active]
+    if type(module) is not torch.nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    if "forward" in module.__dict__ or hasattr(module, "_hf_hook"):
+        return None
+    if any(hasattr(p, "ds_id") for p in module.parameters()):
+        return None
+    return module
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                               labels: torch.Tensor, tile_tokens: int) -> torch.Tensor:
+    """sum over tokens of cross_entropy(hidden @ weight.T + bias, labels), -100 ignored, with
+    the gradients (hidden, and weight / bias when they require grad) made in the forward, one
+    tile of ``tile_tokens`` tokens at a time: one [tile, vocab] fp32 buffer, no recomputation,
+    and the backward only scales the stored gradients by the incoming one (so gradient
+    accumulation's and the sequence group's scaling reach the weight gradient too)."""
+    h = hidden.shape[-1]
+    if not torch.is_grad_enabled():  # evaluation: the loss alone (inside apply no gradient is known unwanted)
+        with torch.no_grad():
+            return _FusedLinearCE.forward(_NoGrad(), hidden.reshape(-1, h), weight, bias, labels.reshape(-1),
+                                          max(1, int(tile_tokens)))
+    return _FusedLinearCE.apply(hidden.reshape(-1, h), weight, bias, labels.reshape(-1), max(1, int(tile_tokens)))
+
+
+class _NoGrad:
+    """The ``ctx`` of a forward run outside autograd: no input wants a gradient."""
+
+    needs_input_grad = (False,) * 5
+
+    def save_for_backward(self, *tensors):
+        pass
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, labels, tile):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        total = torch.zeros((), dtype=torch.float32 if x.dtype != torch.float64 else x.dtype, device=x.device)
+        gx = torch.empty_like(x) if need_x else None
+        gw = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                         device=weight.device) if need_w else None
+        gb = torch.zeros(bias.shape, dtype=gw.dtype if gw is not None else torch.float32,
+                         device=bias.device) if need_b else None
+        for s in range(0, x.shape[0], tile):
+            xs, ys = x[s:s + tile], labels[s:s + tile]
+            logits = F.linear(xs, weight, bias).to(total.dtype)
+            valid = ys != IGNORE
+            target = ys.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            total += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
+            if not (need_x or need_w or need_b):
+                continue
+            # d(sum of losses)/d(logits) = softmax - onehot(label), 0 for ignored rows, in place
+            g = logits.sub_(lse[:, None]).exp_()
+            g.scatter_add_(1, target[:, None], -torch.ones_like(lse)[:, None])
+            g.mul_(valid[:, None].to(g.dtype))
+            g = g.to(x.dtype)
+            if need_x:
+                if weight.dtype == x.dtype:
+                    torch.mm(g, weight, out=gx[s:s + tile])
+                else:
+                    gx[s:s + tile] = g @ weight.to(x.dtype)
+            if need_w:
+                gw.addmm_(g.t().to(gw.dtype), xs.to(gw.dtype))
+            if need_b:
+                gb += g.sum(0).to(gb.dtype)
+            del g, logits
+        ctx.save_for_backward(gx, gw, gb)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, gw, gb = ctx.saved_tensors
+        wdt, bdt = ctx.dtypes
+        dx = None if gx is None else gx * grad.to(gx.dtype)
+        dw = None if gw is None else (gw * grad).to(wdt)
+        db = None if gb is None else (gb * grad).to(bdt)
+        return dx, dw, db, None, None
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -106,6 +207,19 @@ def _agreed(n: int, device) -> int:
     return n
 
 
+#: The smallest default MLP tile. ALST tiles by hidden_size tokens (ceil(tokens / hidden) tiles);
+#: for a small model that is a few hundred tokens, where the matmuls run far below speed: on the
+#: CPU box SmolLM2-135M's MLP (hidden 576) at 8K tokens took 2.3x the untiled forward + backward
+#: in 576-token tiles, 1.5x in 4096-token tiles (the recomputation alone is 1.5x). A 4096-token
+#: tile of [tile, FFN] activations is small next to everything else a long step holds.
+MIN_MLP_TILE = 4096
+
+
+def mlp_tile_tokens(tile_tokens: int | None, hidden_size: int) -> int:
+    """Tokens per MLP tile: the recipe's ``tiled_mlp_tokens``, else max(hidden_size, MIN_MLP_TILE)."""
+    return int(tile_tokens) if tile_tokens else max(int(hidden_size), MIN_MLP_TILE)
+
+
 class _TiledMLPMixin:
     """Mixed into an MLP instance's class by ``install_tiled_mlp``."""
 
@@ -117,6 +231,8 @@ class _TiledMLPMixin:
         if not torch.is_grad_enabled():  # eval / generation: nothing to save, run it whole
             return _mlp_forward(self, x)
         shards = _agreed(tile_count(x.shape[-2], self.longtune_tile_tokens), x.device)
+        if shards == 1:  # one tile holds every token: tiling would only add a recomputation
+            return _mlp_forward(self, x)
         return TiledMLP.apply(_mlp_forward, self, x, shards, trainable(self))
 
 
@@ -126,9 +242,9 @@ _TILED_CLASSES: dict[type, type] = {}
 def install_tiled_mlp(model: torch.nn.Module, tile_tokens: int | None) -> int:
     """Every decoder layer's ``mlp`` runs tiled; returns how many were converted.
 
-    ``tile_tokens`` None = hidden_size (ALST: ceil(tokens / hidden) tiles)."""
+    ``tile_tokens`` None = ``mlp_tile_tokens``' default (hidden_size, at least MIN_MLP_TILE)."""
     base = unwrap(model)
-    tile = int(tile_tokens or base.config.hidden_size)
+    tile = mlp_tile_tokens(tile_tokens, base.config.hidden_size)
     n = 0
     for layer in base.get_decoder().layers:
         mlp = layer.mlp
@@ -212,12 +328,15 @@ ULYSSES_PER_TOKEN = (2, 2)  # (x hidden, x kv width)
 LOGITS_COPIES = 3
 
 
-def activation_estimate(recipe, config, act_bytes: int) -> dict[str, float]:
+def activation_estimate(recipe, config, act_bytes: int, zero_stage: int | None = None) -> dict[str, float]:
     """Bytes of activations per rank for one micro-batch: what the dry run adds to weights and
     optimizer states. Models sequence parallelism (T/P tokens per rank; attention's heads/P of
     the whole sequence hold the same number of elements), gradient checkpointing (the layer
     inputs plus one layer recomputed with its gradients), tiled MLP, tiled loss and the
-    checkpoint offload (reported as ``offloaded_to_cpu``, host memory, not in the total)."""
+    checkpoint offload (reported as ``offloaded_to_cpu``, host memory, not in the total).
+    The tiled loss holds one fp32 copy of a tile's logits (plus its working-dtype copy) on the
+    fused path, three (values, log-softmax, gradient) under ZeRO-3, where DeepSpeed's
+    recomputing path runs (``tiled_loss_sum``)."""
     mem = recipe.memory
     h, layers, F = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     heads = config.num_attention_heads
@@ -228,7 +347,7 @@ def activation_estimate(recipe, config, act_bytes: int) -> dict[str, float]:
     tokens = b * recipe.seq_length // P
     mlp_tokens = tokens
     if mem.tiled_mlp:
-        mlp_tokens = min(tokens, b * int(mem.tiled_mlp_tokens or h))
+        mlp_tokens = min(tokens, b * mlp_tile_tokens(mem.tiled_mlp_tokens, h))
     per_layer = tokens * (ATTN_PER_TOKEN[0] * h + ATTN_PER_TOKEN[1] * kv + MLP_PER_TOKEN[0] * h)
     per_layer += mlp_tokens * MLP_PER_TOKEN[1] * F
     if P > 1:
@@ -241,7 +360,8 @@ def activation_estimate(recipe, config, act_bytes: int) -> dict[str, float]:
     else:
         layers_bytes = (layers + 1) * per_layer
     logit_tokens = min(tokens, b * mem.tiled_loss_tokens) if mem.tiled_loss else tokens
-    logits = logit_tokens * V * 4 * LOGITS_COPIES
+    fused = mem.tiled_loss and zero_stage != 3
+    logits = logit_tokens * V * 4 * (1 if fused else LOGITS_COPIES)
     if act_bytes != 4:
         logits += logit_tokens * V * act_bytes  # the lm_head output before the fp32 upcast
     offloaded = checkpoints if mem.offload_activations else 0.0

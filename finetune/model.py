@@ -289,7 +289,7 @@ def estimate(recipe: Recipe, num_gpus: int, zero_stage: int | None) -> dict[str,
         states = trainable * (2 if prec != "fp32" else 4) + trainable * 12 / n
     from finetune.memory import activation_estimate
 
-    act = activation_estimate(recipe, config, 2 if prec != "fp32" else 4)  # memory section, SP included
+    act = activation_estimate(recipe, config, 2 if prec != "fp32" else 4, zero_stage)  # memory section, SP included
     activations, logits = act["activations"], act["logits"]
     total_bytes = weights + states + activations + logits
     return {

@@ -316,7 +316,8 @@ class MemorySection(Section):
     tiled_loss_tokens: int = Field(default=4096, gt=0)
     #: MLP in tiles along the sequence (recomputed in backward): no [tokens, FFN] activations.
     tiled_mlp: bool = False
-    #: Tokens per MLP tile; None = hidden_size (ALST's choice: ceil(tokens / hidden) tiles).
+    #: Tokens per MLP tile; None = hidden_size (ALST's ceil(tokens / hidden) tiles), at least
+    #: 4096 (smaller tiles slow the matmuls down). A sequence within one tile is not tiled.
     tiled_mlp_tokens: int | None = Field(default=None, gt=0)
     #: Keep the activation checkpoints (each layer's input) in CPU memory between forward and
     #: backward; needs training.gradient_checkpointing.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune.memory import OffloadCheckpoints, loss_sum_and_outputs, shift_labels
@@ -171,3 +172,105 @@ def test_gpu_peak_memory_drops():
     print(f"peak MiB: plain {plain / 2**20:.0f}, tiled loss {loss_tiled / 2**20:.0f}, all {all_on / 2**20:.0f}")
     assert loss_tiled < 0.6 * plain
     assert all_on < loss_tiled
+
+
+# --------------------------------------------------------------------------- fused linear + loss
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_loss_equals_untiled_float64(bias):
+    """Loss and every gradient (hidden, weight, bias) of the tiled fused loss equal autograd's
+    through the whole logits, in float64, with ignored labels, tiles that do not divide the
+    tokens, and an upstream gradient that is not 1 (gradient accumulation / SP scaling)."""
+    from finetune.memory import fused_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    B, L, h, vocab = 2, 37, 8, 23
+    hidden = torch.randn(B, L, h, dtype=torch.float64, generator=g)
+    weight = torch.randn(vocab, h, dtype=torch.float64, generator=g)
+    b = torch.randn(vocab, dtype=torch.float64, generator=g) if bias else None
+    labels = torch.randint(0, vocab, (B, L), generator=g)
+    labels[0, :5] = -100
+    labels[1, -1] = -100
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight) + ((b,) if bias else ())]
+        loss = fn(*leaves)
+        (loss * 2.5).backward()
+        return [loss.detach()] + [t.grad for t in leaves]
+
+    ref = grads(lambda x, w, *bb: F.cross_entropy(F.linear(x, w, bb[0] if bb else None).reshape(-1, vocab),
+                                                    labels.reshape(-1), ignore_index=-100, reduction="sum"))
+    for tile in (5, 16, 1000):
+        got = grads(lambda x, w, *bb: fused_linear_cross_entropy(x, w, bb[0] if bb else None, labels, tile))
+        for a, e in zip(got, ref):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_loss_tied_weight_float64():
+    """A head tied to the input embedding: the weight's gradient sums both uses, as untiled."""
+    from finetune.memory import fused_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(2)
+    vocab, h = 19, 6
+    ids = torch.randint(0, vocab, (2, 21), generator=g)
+    labels = shift_labels(ids)
+    w0 = torch.randn(vocab, h, dtype=torch.float64, generator=g)
+    mix = torch.randn(h, h, dtype=torch.float64, generator=g)
+
+    def run_with(loss_fn):
+        w = w0.clone().requires_grad_(True)
+        hidden = torch.tanh(F.embedding(ids, w) @ mix)
+        loss = loss_fn(hidden, w)
+        loss.backward()
+        return loss.detach(), w.grad
+
+    ref = run_with(lambda x, w: F.cross_entropy(F.linear(x, w).reshape(-1, vocab), labels.reshape(-1),
+                                                ignore_index=-100, reduction="sum"))
+    got = run_with(lambda x, w: fused_linear_cross_entropy(x, w, None, labels, 8))
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-12, atol=1e-12)
+
+
+def test_tiled_loss_tied_embeddings():
+    """The model path with tied embeddings (the head is the frozen tied weight under peft) and with
+    untied ones (peft's trainable copy of lm_head): both take the fused path, same numbers."""
+    from finetune.memory import plain_linear, unwrap
+
+    for tied in (True, False):
+        def tied_recipe(**memory):
+            r = recipe(**memory)
+            return r.model_copy(update={"model": r.model.model_copy(update={
+                "config": {**r.model.config, "tie_word_embeddings": tied}})})
+
+        plain_r, tiled_r = tied_recipe(), tied_recipe(tiled_loss=True, tiled_loss_tokens=16)
+        model = build_model(tiled_r)
+        head = unwrap(model).get_output_embeddings()
+        assert plain_linear(head) is not None
+        emb = unwrap(model).get_input_embeddings().original_module  # peft's frozen original
+        assert (emb.weight is head.weight) == tied
+        a, b = run(plain_r), run(tiled_r, model=model)
+        assert_same(a, b)
+        assert b[2] <= 2 * 16
+        assert any("lm_head" in k for k in b[1]) != tied  # untied: lm_head's copy is trained
+
+
+def test_fused_loss_without_grad_computes_only_the_loss():
+    """Evaluation (no_grad): the same loss, and no gradient matmuls (one mm per tile, not three)."""
+    from finetune.memory import fused_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 30, 8, requires_grad=True, generator=g)
+    w = torch.randn(11, 8, requires_grad=True, generator=g)
+    labels = torch.randint(0, 11, (1, 30), generator=g)
+    ref = F.cross_entropy(F.linear(x, w).reshape(-1, 11), labels.reshape(-1), reduction="sum")
+
+    class CountMM(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountMM.n += func.__name__.startswith(("mm", "addmm"))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), CountMM():
+        loss = fused_linear_cross_entropy(x, w, None, labels, 10)
+    assert loss.grad_fn is None and CountMM.n == 3
+    torch.testing.assert_close(loss, ref.detach())

@@ -231,7 +231,7 @@ def load_results(path: Path = RESULTS) -> dict:
         return {"runs": [], "rows": []}
     data = json.loads(path.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or not isinstance(data.get("rows"), list):
-        raise ValueError(f"{path}: expected {{'runs': [...], 'rows': [...]}}")
+        raise ValueError(f"{path}: expected {{'runs': [...], 'rows': [...]}}")  # noqa: TRY004 (a corrupt file, not a wrong argument type)
     return data
 
 

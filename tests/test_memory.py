@@ -200,7 +200,7 @@ def test_fused_loss_equals_untiled_float64(bias):
     ref = grads(lambda x, w, *bb: F.cross_entropy(F.linear(x, w, bb[0] if bb else None).reshape(-1, vocab),
                                                     labels.reshape(-1), ignore_index=-100, reduction="sum"))
     for tile in (5, 16, 1000):
-        got = grads(lambda x, w, *bb: fused_linear_cross_entropy(x, w, bb[0] if bb else None, labels, tile))
+        got = grads(lambda x, w, *bb, tile=tile: fused_linear_cross_entropy(x, w, bb[0] if bb else None, labels, tile))
         for a, e in zip(got, ref):
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
@@ -236,7 +236,7 @@ def test_tiled_loss_tied_embeddings():
     from finetune.memory import plain_linear, unwrap
 
     for tied in (True, False):
-        def tied_recipe(**memory):
+        def tied_recipe(tied=tied, **memory):
             r = recipe(**memory)
             return r.model_copy(update={"model": r.model.model_copy(update={
                 "config": {**r.model.config, "tie_word_embeddings": tied}})})

@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from finetune.rundir import atomic_write_text
 from kernels import benchdoc
 
 DOC = benchdoc.DOC
@@ -222,9 +223,7 @@ def _write_json(path: Path, rows: list[dict], device: str, smoke: bool) -> None:
     data = {"machine": machine(device), "device": device, "smoke": smoke, "rows": rows,
             "model": "smoke" if smoke else "TinyLlama-1.1B shape", "config": SMOKE if smoke else LLAMA_1B,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def main(argv=None) -> int:

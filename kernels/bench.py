@@ -214,10 +214,7 @@ def _write_json(path: Path, rows: list[dict], device: str, heads: int, head_dim:
     data = {"machine": machine(device), "device": device, "heads": heads, "head_dim": head_dim,
             "dtype": "bf16" if device == "cuda" else "fp32", "rows": rows,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    benchdoc.write_file(path, json.dumps(data, indent=1))
 
 
 def table(rows, device: str, argv_text: str, heads: int = HEADS, head_dim: int = HEAD_DIM) -> str:

@@ -25,9 +25,16 @@ def write_section(block: str, name: str, path: Path = DOC) -> None:
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
     new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + block + "\n"
+    write_file(path, new)
+
+
+def write_file(path: Path, text: str) -> None:
+    """Temp file + rename, so a run cut short leaves the old file or a whole new one. (The kernels
+    layer sits below finetune/ and cannot use finetune.rundir's writer.)"""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(new)
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

@@ -32,7 +32,6 @@ import argparse
 import datetime as dt
 import inspect
 import json
-import os
 import platform
 import shlex
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.rundir import atomic_write_text
 from kernels import benchdoc
 
 BENCH_MD = benchdoc.DOC
@@ -168,10 +168,7 @@ def merge_rows(path: Path, rows: list[dict], setting: dict, command: str,
     if rows and command not in commands:  # a run that measured nothing only rewrites the table
         commands.append(command)
     pairs = sorted(pairs | {tuple(x) for x in requested} | {(r["length"], r["batch"]) for r in merged})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"setting": setting, "commands": commands, "pairs": pairs, "rows": merged}, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"setting": setting, "commands": commands, "pairs": pairs, "rows": merged}, indent=1))
     return merged, commands, pairs
 
 
@@ -389,17 +386,12 @@ def run(argv: list[str] | None = None) -> list[dict]:
 
 def _write_json(path: Path, rows: list[dict], what: str, W: int, s: int, args) -> None:
     """Rows so far + what was measured (temp file + rename: a run cut short leaves a whole file)."""
-    import json
-    import os
-
     dev = torch.device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else benchdoc.cpu_name()
     data = {"machine": f"{name}, torch {torch.__version__}", "model": what, "window": W, "sinks": s,
             "decode": args.decode, "clock": args.clock, "rows": rows,
             "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
 def _mib(n: int | None) -> str:

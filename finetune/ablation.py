@@ -364,6 +364,7 @@ def write_outputs(results: dict, repo: Path = REPO, smoke_dir: Path | None = Non
     """docs/ablation.md, docs/ablation/ablation.png and the README block, from results.json's dict
     (a smoke run writes ablation.md and ablation/ablation.png into `smoke_dir` only)."""
     from finetune.rundir import atomic_write_text
+    from kernels.benchdoc import replace_marked
 
     rows = aggregate(results["runs"])
     tbl = table(rows)
@@ -395,10 +396,9 @@ def write_outputs(results: dict, repo: Path = REPO, smoke_dir: Path | None = Non
     if readme.is_file() and smoke_dir is None:
         block = (f"{README_START}\nMeasured by `make ablation` on {results['created']} "
                  f"([docs/ablation.md](docs/ablation.md) has the plot and the papers' orderings):\n\n{tbl}\n{README_END}")  # fmt: skip
-        text = readme.read_text()
-        pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.DOTALL)
-        if pattern.search(text):
-            atomic_write_text(readme, pattern.sub(lambda _: block, text))
+        new = replace_marked(readme.read_text(), README_START, README_END, block)
+        if new is not None:
+            atomic_write_text(readme, new)
     return doc
 
 

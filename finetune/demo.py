@@ -171,15 +171,13 @@ def write_readme_table(results_json: Path, total: float, readme: Path = REPO / "
     """Rewrite the README's demo table from the run, so its numbers are never typed by hand."""
     if not results_json.is_file() or not readme.is_file():
         return
-    import re
-
     from finetune.rundir import atomic_write_text
+    from kernels.benchdoc import replace_marked
 
-    text = readme.read_text()
     block = f"{README_START}\n{readme_table(json.loads(results_json.read_text()), total, note)}\n{README_END}"
-    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.DOTALL)
-    if pattern.search(text):
-        atomic_write_text(readme, pattern.sub(lambda _: block, text))
+    new = replace_marked(readme.read_text(), README_START, README_END, block)
+    if new is not None:
+        atomic_write_text(readme, new)
 
 
 def write_summary(runs, times: dict[str, float], total: float) -> str:

@@ -23,9 +23,16 @@ def write_section(block: str, name: str, path: Path = DOC) -> None:
     """Replace the section `name` (the block holds its own markers) or append it; temp file + rename."""
     start, end = markers(name)
     old = path.read_text() if path.exists() else "# Benchmarks\n"
+    new = replace_marked(old, start, end, block)
+    write_file(path, new if new is not None else old.rstrip("\n") + "\n\n" + block + "\n")
+
+
+def replace_marked(text: str, start: str, end: str, block: str) -> str | None:
+    """`text` with everything from `start` to `end` replaced by `block` (which holds both
+    markers); None when `text` has no such span. The generated sections of docs/benchmarks.md
+    and the README's demo and ablation tables are all rewritten through this."""
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + block + "\n"
-    write_file(path, new)
+    return pattern.sub(lambda _: block, text) if pattern.search(text) else None
 
 
 def write_file(path: Path, text: str) -> None:

@@ -229,7 +229,10 @@ def run_info(argv_text: str) -> dict:
 def load_results(path: Path = RESULTS) -> dict:
     if not path.exists():
         return {"runs": [], "rows": []}
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:  # a run cut short never leaves half a file (atomic): this one was edited
+        raise ValueError(f"{path}: not the JSON `longtune bench long` writes ({e}); fix or delete it") from None
     if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or not isinstance(data.get("rows"), list):
         raise ValueError(f"{path}: expected {{'runs': [...], 'rows': [...]}}")  # noqa: TRY004 (a corrupt file, not a wrong argument type)
     return data

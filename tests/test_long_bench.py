@@ -62,3 +62,14 @@ def test_timeout_row_says_how_far_the_step_got(monkeypatch):
     script = "import json,time; print(json.dumps({'progress':'forward','seconds':1.5}), flush=True); time.sleep(60)"
     monkeypatch.setattr(lb.subprocess, "run", lambda cmd, **kw: real([sys.executable, "-c", script], **kw))
     assert lb.measure("peer", 8, 3) == {"variant": "peer", "length": 8, "error": "not finished in 3 s (forward took 2 s)"}
+
+
+def test_a_corrupt_results_file_is_named(tmp_path):
+    import pytest
+
+    from finetune.long_bench import load_results
+
+    bad = tmp_path / "benchmarks_long.json"
+    bad.write_text("{broken")
+    with pytest.raises(ValueError, match="benchmarks_long.json"):
+        load_results(bad)

@@ -3,7 +3,8 @@
 Per length, side by side, each in a fresh process (one model per process, so one run's memory
 never inflates another's peak):
 - ``longtune``: the recipe recipes/smollm2-135m-16k.yaml at that length (SF-Attn on the CPU
-  block kernels, gradient checkpointing), memory features off;
+  block kernels, gradient checkpointing that keeps the attention outputs: ``memory.save_attention``),
+  memory features off;
 - ``longtune+memory``: the same with ``memory.tiled_loss``, ``tiled_mlp`` and
   ``offload_activations`` on (offload keeps the checkpoints in host memory: on a CPU that is
   the same memory, so it only shows on a GPU);
@@ -267,7 +268,8 @@ def table(results: dict) -> str:
     lines += ["",
               ("LoRA+ (r 8 on q/k/v/o, embeddings and norms trained), fp32, batch 1, gradient checkpointing, one "
                "forward + backward + AdamW step on random tokens, one model per process. `longtune`: SF-Attn "
-               "(group 1/4, 4 sinks) on the CPU block kernels; `+memory`: tiled loss, tiled MLP and checkpoint "
+               "(group 1/4, 4 sinks) on the CPU block kernels, selective checkpointing (the attention outputs are "
+               "kept, not recomputed: `memory.save_attention`); `+memory`: tiled loss, tiled MLP and checkpoint "
                "offload on (the offload cannot save host memory on a CPU); `peer`: transformers SDPA (full causal) "
                "+ peft LoRA, same rank and trained modules. Peak = peak resident set during the step (Linux VmHWM, "
                "reset after loading) minus the resident set before the model was built. Estimate = `longtune train "

@@ -18,8 +18,9 @@ DeepSpeed's ALST components remove both; this module only wires them into our mo
 - activation-checkpoint offload: with gradient checkpointing each decoder layer keeps only its
   input until backward; ``OffloadCheckpoints`` (saved-tensor hooks) moves those inputs to CPU
   memory (pinned, asynchronous on CUDA) and brings each back when backward reaches its layer.
-  It needs *reentrant* checkpointing, whose inputs are saved tensors (the non-reentrant form
-  keeps them alive in a closure that no hook can reach).
+  torch's non-reentrant checkpoint (torch >= 2.13) keeps its inputs as saved tensors, which the
+  hooks reach (finetune/checkpointing.py). On a CPU device the tensor stays where it is: there
+  is no cheaper memory to move it to, so there the offload costs nothing and saves nothing.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def install_tiled_mlp(model: torch.nn.Module, tile_tokens: int | None) -> int:
 
 # --------------------------------------------------------------------------- offload
 class OffloadCheckpoints(torch.autograd.graph.saved_tensors_hooks):
-    """Saved tensors of the forward (with reentrant checkpointing: each layer's input) go to
+    """Saved tensors of the forward (with checkpointing: each layer's input) go to
     CPU memory and come back in backward. ``offloaded_bytes`` counts what was moved (on a CPU
     device the tensor stays where it is: there is nowhere cheaper to put it)."""
 
@@ -332,7 +333,8 @@ def activation_estimate(recipe, config, act_bytes: int, zero_stage: int | None =
     """Bytes of activations per rank for one micro-batch: what the dry run adds to weights and
     optimizer states. Models sequence parallelism (T/P tokens per rank; attention's heads/P of
     the whole sequence hold the same number of elements), gradient checkpointing (the layer
-    inputs plus one layer recomputed with its gradients), tiled MLP, tiled loss and the
+    inputs plus one layer recomputed with its gradients; with ``save_attention`` every layer's
+    attention output and log-sum-exp too), tiled MLP, tiled loss and the
     checkpoint offload (reported as ``offloaded_to_cpu``, host memory, not in the total).
     The tiled loss holds one fp32 copy of a tile's logits (plus its working-dtype copy) on the
     fused path, three (values, log-softmax, gradient) under ZeRO-3, where DeepSpeed's
@@ -365,6 +367,10 @@ def activation_estimate(recipe, config, act_bytes: int, zero_stage: int | None =
     if act_bytes != 4:
         logits += logit_tokens * V * act_bytes  # the lm_head output before the fp32 upcast
     offloaded = checkpoints if mem.offload_activations else 0.0
+    if recipe.training.gradient_checkpointing and mem.save_attention:
+        # selective checkpointing keeps every layer's attention output (working dtype) and its
+        # fp32 log-sum-exp (heads/P of all tokens = heads x local tokens); not offloaded
+        layers_bytes += layers * tokens * (h * act_bytes + heads * 4)
     return {"activations": layers_bytes + checkpoints - offloaded, "logits": logits, "offloaded_to_cpu": offloaded}
 
 

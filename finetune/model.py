@@ -233,9 +233,9 @@ def build_model(recipe: Recipe, config: PretrainedConfig | None = None) -> torch
 
         install_tiled_mlp(model, recipe.memory.tiled_mlp_tokens)
     if recipe.training.gradient_checkpointing:
-        # Offloading needs the reentrant form, whose layer inputs are saved tensors (finetune/memory.py).
-        reentrant = recipe.memory.offload_activations
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        from finetune import checkpointing  # reentrant for a real offload, selective saving (its docstring)
+
+        checkpointing.enable(model, recipe.memory)
         model.config.use_cache = False
     return model
 

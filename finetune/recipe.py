@@ -320,8 +320,13 @@ class MemorySection(Section):
     #: 4096 (smaller tiles slow the matmuls down). A sequence within one tile is not tiled.
     tiled_mlp_tokens: int | None = Field(default=None, gt=0)
     #: Keep the activation checkpoints (each layer's input) in CPU memory between forward and
-    #: backward; needs training.gradient_checkpointing.
+    #: backward; needs training.gradient_checkpointing. Without an accelerator there is no
+    #: cheaper memory to move them to: a no-op on CPU.
     offload_activations: bool = False
+    #: Selective checkpointing: keep each layer's attention-kernel output and log-sum-exp
+    #: (tokens x (hidden + heads) per layer) so backward does not run the attention forward
+    #: again; needs training.gradient_checkpointing. What is kept is not offloaded.
+    save_attention: bool = False
 
 
 # --------------------------------------------------------------------------- export
@@ -471,6 +476,9 @@ def check_memory(recipe) -> None:
     if mem.offload_activations and not recipe.training.gradient_checkpointing:
         raise ValueError("memory.offload_activations: offloads the activation checkpoints, so it needs "
                          "training.gradient_checkpointing: true")
+    if mem.save_attention and not recipe.training.gradient_checkpointing:
+        raise ValueError("memory.save_attention: keeps the attention output through gradient checkpointing's "
+                         "recomputation, so it needs training.gradient_checkpointing: true")
     if P == 1:
         return
     if not recipe.deepspeed.config:

@@ -55,6 +55,9 @@ def test_estimate_models_degree_tiling_and_offload():
     # the 32 layer checkpoints: 32 x 65536 x 4096 x 2 bytes = 16 GiB go to host memory
     assert offload["offloaded_to_cpu"] == pytest.approx(16.0)
     assert offload["activations"] == pytest.approx(plain["activations"] - 16.0)
+    # selective checkpointing keeps 32 layers x 65536 tokens x (4096 x 2 bytes + 32 heads x 4 bytes)
+    saved = estimate(gpu_recipe(name, *off, "memory.save_attention=true"), 8, 3)["per_gpu_gib"]
+    assert saved["activations"] - plain["activations"] == pytest.approx(32 * 65536 * (4096 * 2 + 32 * 4) / 2**30)
     # degree 8: every per-token term divided by 8 (Ulysses' all-to-all copies added)
     sp = estimate(gpu_recipe(name, *off, "memory.sequence_parallel=8"), 8, 3)["per_gpu_gib"]
     assert sp["logits"] == pytest.approx(plain["logits"] / 8)

@@ -50,3 +50,19 @@ def test_rejects_mismatched_shapes():
         column_sums.causal_attention_with_column_sums(
             q, torch.zeros(1, 3, 5, 8), torch.zeros(1, 3, 5, 8), 1.0
         )
+
+
+def test_half_precision_inputs_are_upcast_once_and_left_untouched():
+    """bfloat16 q/k/v: the same float32 work as on their upcast copies (out rounded back to
+    bfloat16, sums float32), and the caller's tensors are not scaled in place."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 20, 8, generator=g).to(torch.bfloat16) for h in (4, 2, 2))
+    before = [t.clone() for t in (q, k, v)]
+    out, sums = column_sums.causal_attention_with_column_sums(q, k, v, 0.3, torch.tensor([0, 5]))
+    want_out, want_sums = column_sums.causal_attention_with_column_sums(q.float(), k.float(), v.float(), 0.3,
+                                                                        torch.tensor([0, 5]))  # fmt: skip
+    assert out.dtype == torch.bfloat16 and sums.dtype == torch.float32
+    torch.testing.assert_close(out, want_out.to(torch.bfloat16), atol=0, rtol=0)
+    torch.testing.assert_close(sums, want_sums, atol=0, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), before))
+    assert not out[1, :, :5].any()

@@ -61,22 +61,26 @@ def causal_attention_with_column_sums(
                          f"v {tuple(v.shape)} are not (B, H, L, D) / (B, Hkv, L, D) with Hkv dividing H")  # fmt: skip
     rep = H // Hkv
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    # (B, L, H, Dv) in memory, the layout attention functions return: the caller's transpose is free
-    out = q.new_zeros(B, L, H, Dv).transpose(1, 2)
+    # (B, L, H, Dv) in memory, the layout attention functions return: the caller's transpose is
+    # free. Not zero-filled: every real row is written below, padding rows are zeroed alone.
+    out = q.new_empty(B, L, H, Dv).transpose(1, 2)
     sums = torch.zeros(B, H, L, dtype=work, device=q.device)
     if L == 0:
         return out, sums
-    first = [0] * B if starts is None else [int(s) for s in starts.tolist()]
+    first = [0] * B if starts is None else [min(L, max(0, int(s))) for s in starts.tolist()]
     # a block holds H x c x (a + c) scores with c <= block_rows(H, min(n, a + MAX_ROWS)): at most
     # the budget, or H x MIN_ROWS x L where MIN_ROWS rows over all keys exceed it
     ws = torch.empty(max(BLOCK_ELEMENTS, H * MIN_ROWS * L), dtype=work, device=q.device)
-    future = torch.ones(MAX_ROWS, MAX_ROWS, dtype=torch.bool, device=q.device).triu(1)
+    future = _future_mask(work, q.device)
     for b in range(B):
         s0 = first[b]
         n = L - s0
+        if s0:
+            out[b, :, :s0] = 0
         if n <= 0:
             continue
-        qb = (q[b, :, s0:].to(work) * scale).view(Hkv, rep, n, D)
+        qb = q[b, :, s0:]
+        qb = (qb.to(work).mul_(scale) if qb.dtype != work else qb * scale).view(Hkv, rep, n, D)
         kt = k[b, :, s0:].to(work).transpose(1, 2)  # (Hkv, D, n)
         vb = v[b, :, s0:].to(work)  # (Hkv, n, Dv)
         a = 0
@@ -85,9 +89,22 @@ def causal_attention_with_column_sums(
             e = a + c
             s = torch.bmm(qb[:, :, a:e].reshape(Hkv, rep * c, D), kt[:, :, :e],
                           out=ws[: H * c * e].view(Hkv, rep * c, e))  # fmt: skip
-            s.view(H, c, e)[:, :, a:].masked_fill_(future[:c, :c], float("-inf"))
+            s.view(H, c, e)[:, :, a:].add_(future[:c, :c])  # -inf above the diagonal
             _softmax_(s)
             out[b, :, s0 + a : s0 + e] = torch.bmm(s, vb[:, :e]).view(H, c, Dv)
             sums[b, :, s0 : s0 + e] += s.view(H, c, e).sum(1)
             a = e
     return out, sums
+
+
+_FUTURE: dict = {}
+
+
+def _future_mask(dtype, device) -> torch.Tensor:
+    """(MAX_ROWS, MAX_ROWS) additive mask, -inf above the diagonal (an add is cheaper than a
+    masked_fill with a broadcast boolean mask); cached per dtype and device."""
+    key = (dtype, str(device), MAX_ROWS)
+    if key not in _FUTURE:
+        upper = torch.ones(MAX_ROWS, MAX_ROWS, dtype=torch.bool, device=device).triu(1)
+        _FUTURE[key] = torch.zeros(MAX_ROWS, MAX_ROWS, dtype=dtype, device=device).masked_fill_(upper, float("-inf"))
+    return _FUTURE[key]

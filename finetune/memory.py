@@ -221,6 +221,49 @@ def mlp_tile_tokens(tile_tokens: int | None, hidden_size: int) -> int:
     return int(tile_tokens) if tile_tokens else max(int(hidden_size), MIN_MLP_TILE)
 
 
+class _SaveInput(torch.autograd.Function):
+    """Identity that saves its input for ``_TiledMLPFromSaved``'s backward.
+
+    DeepSpeed's ``TiledMLP`` saves its input itself, and a custom Function's saves are packed
+    only after its forward has run: under gradient checkpointing the recomputation (which stops
+    once the last saved tensor is back) runs the whole tiled MLP forward again just to reach
+    that save, and throws the output away (a third MLP forward per step, about 10% of an 8K
+    step on the CPU box). Saved here, before the MLP, the recomputation stops before it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _TiledMLPFromSaved(torch.autograd.Function):
+    """DeepSpeed's ``TiledMLP`` (same forward, its backward called as is), reading its input from
+    the ``_SaveInput`` node in front of it instead of saving it again."""
+
+    @staticmethod
+    def forward(ctx, fn, module, x, saved_by, shards, compute_params):
+        ctx.fn, ctx.module, ctx.shards, ctx.saved_by = fn, module, shards, saved_by
+        ctx.compute_params = [p for p in compute_params if p.requires_grad]
+        with torch.no_grad():
+            return torch.cat([fn(module, part) for part in torch.chunk(x, shards, dim=-2)], dim=-2)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from types import SimpleNamespace
+
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+        as_deepspeed = SimpleNamespace(fn=ctx.fn, self=ctx.module, shards=ctx.shards,
+                                       compute_params=ctx.compute_params, saved_tensors=ctx.saved_by.saved_tensors)
+        ctx.saved_by = None
+        gx = TiledMLP.backward(as_deepspeed, *grads)[2]
+        return None, None, gx, None, None, None
+
+
 class _TiledMLPMixin:
     """Mixed into an MLP instance's class by ``install_tiled_mlp``."""
 
@@ -234,7 +277,10 @@ class _TiledMLPMixin:
         shards = _agreed(tile_count(x.shape[-2], self.longtune_tile_tokens), x.device)
         if shards == 1:  # one tile holds every token: tiling would only add a recomputation
             return _mlp_forward(self, x)
-        return TiledMLP.apply(_mlp_forward, self, x, shards, trainable(self))
+        if not x.requires_grad:  # nothing before the MLP trains: DeepSpeed's Function as it is
+            return TiledMLP.apply(_mlp_forward, self, x, shards, trainable(self))
+        x = _SaveInput.apply(x)
+        return _TiledMLPFromSaved.apply(_mlp_forward, self, x, x.grad_fn, shards, trainable(self))
 
 
 _TILED_CLASSES: dict[type, type] = {}

@@ -83,3 +83,32 @@ def test_save_attention_needs_checkpointing():
     r["training"]["gradient_checkpointing"] = False
     with pytest.raises((RecipeError, ValueError), match="memory.save_attention"):
         validate(r)
+
+
+def test_tiled_mlp_under_checkpointing_same_gradients_no_wasted_forward():
+    """Checkpointed + tiled MLP: the gradients of the untiled model, and the MLP runs twice per
+    tile (forward, the tile's recomputation in backward), not a third time in the layer's
+    recomputation just to reach its saved input."""
+    def gate_calls(r):
+        torch.manual_seed(0)
+        model = build_model(r).double().train()
+        calls = []
+        for m in model.modules():
+            if type(m).__name__.startswith("Tiled") or m.__class__.__name__.endswith("MLP"):
+                m.gate_proj.register_forward_hook(lambda _m, i, _o: calls.append(i[0].shape[-2]))
+        ids = torch.randint(0, 256, (2, T), generator=torch.Generator().manual_seed(1))
+        loss, _ = loss_sum_and_outputs(model, {"input_ids": ids}, shift_labels(ids), r.memory)
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, calls
+
+    ref_loss, ref_grads, ref_calls = gate_calls(recipe())
+    loss, grads, calls = gate_calls(recipe(tiled_mlp=True, tiled_mlp_tokens=32, save_attention=True))
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-10, atol=1e-12, msg=k)
+    layers, tiles = 3, T // 32
+    assert ref_calls == [T] * (2 * layers)  # untiled: forward + the layer's recomputation
+    # each tile: forward (2 rows x 32 tokens), backward's recomputation (DeepSpeed flattens the
+    # rows: 64 tokens of 192); nothing runs in the layers' recomputation
+    assert sorted(calls) == [32] * (tiles * layers) + [64] * (tiles * layers), calls

@@ -98,3 +98,35 @@ def test_methods_without_full_need_a_rows_file(capsys):
     with pytest.raises(SystemExit) as e:
         bench.run(TINY + ["--methods", "sink"])
     assert e.value.code == 2 and "--rows" in capsys.readouterr().err
+
+
+def test_other_load_is_the_machine_busy_time_minus_ours(tmp_path, monkeypatch):
+    """OtherLoad: CPUs kept busy by other processes = the machine's busy ticks (/proc/stat)
+    minus this process's CPU time, over the wall time; None when /proc/stat is unreadable."""
+    import os
+
+    from finetune.caches import measure
+
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(measure, "_STAT", stat)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sysconf", lambda name: 100)
+    clock = {"cpu": 10.0, "wall": 50.0}
+    monkeypatch.setattr(measure.time, "process_time", lambda: clock["cpu"])
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock["wall"])
+    # fields: user nice system idle iowait irq softirq steal
+    stat.write_text("cpu  1000 0 0 1000 0 0 0 0\ncpu0 ...\n")
+    with measure.OtherLoad() as load:
+        # 2 s of wall on 2 CPUs = 400 ticks: 300 busy (user 100 + nice 150 + system 50), 100 idle;
+        # we used 1 CPU-second of the 3 the machine spent busy: others kept 1.0 CPU busy
+        stat.write_text("cpu  1100 150 50 1100 0 0 0 0\n")
+        clock["cpu"], clock["wall"] = 11.0, 52.0
+    assert abs(load.cpus - 1.0) < 1e-9
+    stat.unlink()
+    with measure.OtherLoad() as load:
+        pass
+    assert load.cpus is None
+    rows = [{"others_cpus": 0.2}, {"others_cpus": 1.4}, {"others_cpus": None}]
+    assert "kept 0.2-1.4 of the machine's 2 CPUs busy" in bench._load_sentence(rows, "cpu")
+    assert "compare ratios measured under similar load" in bench._load_sentence(rows, "cpu")
+    assert bench._load_sentence([{"others_cpus": None}], "cpu") == ""

@@ -57,10 +57,12 @@ def test_h2o_eviction_matches_direct_computation(norm, red):
     # prefill 10 tokens, then 8 decode steps; probabilities drawn per step over the *held* keys
     plan = [list(range(10))] + [[10 + i] for i in range(8)]
     drawn = []  # (held positions per (row, head) -> probs) recorded while driving the cache
+    key_of = {}  # (row, kv head, position) -> its key: evictions must move keys with their positions
     n = 0
     for new in plan:
         q = len(new)
         k = torch.randn(b, hkv, q, d, generator=gen)
+        key_of.update({(r, g, p): k[r, g, i] for r in range(b) for g in range(hkv) for i, p in enumerate(new)})
         keys, _ = cache.update(k, k.clone(), 0, kwargs={"position_ids": torch.tensor([new])})
         held = layer.positions.clone()  # (b, hkv, k_len) before eviction
         klen = keys.shape[-2]
@@ -77,6 +79,11 @@ def test_h2o_eviction_matches_direct_computation(norm, red):
         # sinks always kept, budget respected
         assert (layer.positions[..., :sinks] == torch.arange(sinks)).all()
         assert layer.kept() == min(n, sinks + heavy + recent)
+        for r in range(b):
+            for g in range(hkv):
+                for i, p in enumerate(layer.positions[r, g].tolist()):
+                    assert torch.equal(layer.keys[r, g, i], key_of[(r, g, p)])
+                    assert torch.equal(layer.values[r, g, i], key_of[(r, g, p)])
 
     # replay the same probabilities in the brute force; column j of probs[r] is the j-th held
     # key of (row r, kv head g), and the held lists are checked to line up below

@@ -189,9 +189,14 @@ class H2OLayer(CompactLayer):
             is_min = rank == rank.amin(dim=-1, keepdim=True)
             victim = torch.where(is_min, slots, -1).argmax(dim=-1, keepdim=True)
             later = slots[:-1] >= victim  # (b, h, n - 1): slot i takes slot i + 1
+            # keys/values: one row gather over the flattened (b * h * n, d) storage (a
+            # broadcast-mask where over (b, h, n, d) measured ~1.6x slower at batch 4)
+            b, h = later.shape[:2]
+            rows = (slots[:-1] + later).add_(torch.arange(0, b * h * n, n, device=self.device).view(b, h, 1)).view(-1)
             for name in ("keys", "values"):
                 t = getattr(self, name)
-                setattr(self, name, torch.where(later.unsqueeze(-1), t[:, :, 1:], t[:, :, :-1]))
+                flat = t.reshape(b * h * n, t.shape[-1])
+                setattr(self, name, flat.index_select(0, rows).view(b, h, n - 1, t.shape[-1]))
             self.positions = torch.where(later, self.positions[:, :, 1:], self.positions[:, :, :-1])
             self.scores = torch.where(later, self.scores[:, :, 1:], self.scores[:, :, :-1])
             return

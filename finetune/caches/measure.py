@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import time
 from pathlib import Path
 
 import torch
 
 _STATUS = Path("/proc/self/status")
+_STAT = Path("/proc/stat")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
@@ -76,3 +78,46 @@ def timed_peak(fn, device="cpu", clock: str = "wall"):
     seconds = now() - t0
     peak = _status_kib("VmHWM") if base is not None else None
     return out, seconds, None if peak is None else max(0, peak - base) * 1024
+
+
+def _machine_jiffies() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot (/proc/stat), None where unreadable."""
+    try:
+        f = [int(x) for x in _STAT.read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = f + [0] * (8 - len(f))
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+class OtherLoad:
+    """How many CPUs other processes kept busy while the block ran (Linux; None elsewhere):
+    the machine's busy time (/proc/stat) minus this process's CPU time, over the wall time.
+    With `--clock cpu` on a shared machine a method's CPU time grows when neighbours compete
+    for caches and memory bandwidth (or share its core), so this says how busy the box was
+    when a row was measured; 0 is a quiet machine.
+
+        with OtherLoad() as load:
+            ...
+        load.cpus  # float or None
+    """
+
+    def __enter__(self):
+        self.cpus = None
+        self._j0, self._c0, self._w0 = _machine_jiffies(), time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        j1, c1, w1 = _machine_jiffies(), time.process_time(), time.perf_counter()
+        if self._j0 is None or j1 is None or w1 <= self._w0:
+            return False
+        hz = os.sysconf("SC_CLK_TCK")
+        total = j1[1] - self._j0[1]
+        if total <= 0:
+            return False
+        ncpu = os.cpu_count() or 1
+        wall_cpus = (w1 - self._w0) * ncpu  # CPU-seconds the machine had during the block
+        busy = (j1[0] - self._j0[0]) / total * wall_cpus  # CPU-seconds the machine spent
+        self.cpus = max(0.0, (busy - (c1 - self._c0)) / (w1 - self._w0))
+        return False

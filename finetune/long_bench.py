@@ -12,7 +12,8 @@ never inflates another's peak):
   LoRA with the same rank, target modules and fully trained embeddings + norms, the same RoPE
   scaling and gradient checkpointing, the stock loss.
 A step is forward + backward + one AdamW update on random tokens; time is wall clock of the
-step (not the model load), peak memory is the process's peak resident set during the step
+step (not the model load; ``--clock cpu``: the process's CPU time, with ``--threads 1`` the
+steadier measure on a shared machine), peak memory is the process's peak resident set during the step
 (Linux VmHWM, reset after loading) minus its resident set before the model was built. ``longtune`` rows also show the dry-run estimate
 (finetune/model.py ``estimate``, one rank, no DeepSpeed) and its ratio to the measurement;
 ``--estimate-lengths`` (default 1024 2048) adds ``longtune`` rows at cheap lengths for that check.
@@ -77,17 +78,22 @@ def bench_recipe(length: int, memory: bool):
     return load_recipe(RECIPE, over + (MEMORY_ON if memory else []))
 
 
-def _step(model, params, inputs, loss_fn):
+#: ``--clock``: wall clock, or the process's CPU time (all threads; steadier on a shared machine).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _step(model, params, inputs, loss_fn, clock: str = "wall"):
     import torch
 
+    now = CLOCKS[clock]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    t0 = time.perf_counter()
+    t0 = now()
     loss = loss_fn(model, inputs)
     # what a run killed by the timeout still reports (the parent reads it from the pipe)
-    print(json.dumps({"progress": "forward", "seconds": time.perf_counter() - t0}), flush=True)
+    print(json.dumps({"progress": "forward", "seconds": now() - t0}), flush=True)
     loss.backward()
     opt.step()
-    return time.perf_counter() - t0, float(loss)
+    return now() - t0, float(loss)
 
 
 def vm_bytes() -> int:
@@ -113,14 +119,14 @@ def oom_text(cap_gib: float) -> str:
     return f"OOM (> {cap_gib:g} GiB)"
 
 
-def capped_worker(variant: str, length: int, cap_gib: float | None) -> dict:
+def capped_worker(variant: str, length: int, cap_gib: float | None, clock: str = "wall") -> dict:
     """``worker`` under the memory cap; an allocation failure becomes an ``OOM`` row."""
     import torch  # imported before the cap is set: its libraries are not the step's memory
 
     if cap_gib:
         cap_address_space(cap_gib)
     try:
-        return worker(variant, length)
+        return worker(variant, length, clock)
     except (RuntimeError, MemoryError) as exc:
         if cap_gib and out_of_memory(exc):
             del exc
@@ -130,7 +136,7 @@ def capped_worker(variant: str, length: int, cap_gib: float | None) -> dict:
         del torch
 
 
-def worker(variant: str, length: int) -> dict:
+def worker(variant: str, length: int, clock: str = "wall") -> dict:
     """One step in this process; returns the measurements (JSON on stdout)."""
     import torch
 
@@ -163,7 +169,7 @@ def worker(variant: str, length: int) -> dict:
     gc.collect()
     loaded = rss_bytes()
     reset_peak()
-    seconds, loss = _step(model, params, inputs, loss_fn)
+    seconds, loss = _step(model, params, inputs, loss_fn, clock)
     from finetune.model import count_parameters
 
     return {"variant": variant, "length": length, "seconds": seconds, "loss": loss,
@@ -192,9 +198,10 @@ def peer_model(recipe):
     return model
 
 
-def measure(variant: str, length: int, timeout: int, cap_gib: float | None = MEMORY_CAP_GIB) -> dict:
+def measure(variant: str, length: int, timeout: int, cap_gib: float | None = MEMORY_CAP_GIB,
+            threads: int | None = None, clock: str = "wall") -> dict:
     cmd = [sys.executable, "-m", "finetune.long_bench", "--worker", variant, str(length),
-           "--memory-cap", str(cap_gib or 0)]
+           "--memory-cap", str(cap_gib or 0), "--clock", clock] + (["--threads", str(threads)] if threads else [])
     # A fixed mmap threshold: every large tensor is its own mapping, returned to the system when
     # freed, so the resident set follows the live tensors (glibc otherwise keeps freed heap).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -219,11 +226,13 @@ def measure(variant: str, length: int, timeout: int, cap_gib: float | None = MEM
     return {"variant": variant, "length": length, "error": error}
 
 
-def run_info(argv_text: str) -> dict:
+def run_info(argv_text: str, threads: int | None = None, clock: str = "wall") -> dict:
     import torch
 
+    how = f", {threads} torch thread{'s' if threads != 1 else ''}" if threads else ""
+    how += ", CPU-time clock" if clock == "cpu" else ""
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": f"{benchdoc.cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()}",
+            "machine": f"{benchdoc.cpu_name()}, {os.cpu_count()} cores{how}, torch {torch.__version__}, {platform.system()}",
             "command": f"python -m finetune.long_bench {argv_text}".strip()}
 
 
@@ -275,7 +284,7 @@ def table(results: dict) -> str:
                "reset after loading) minus the resident set before the model was built. Estimate = `longtune train "
                "--dry-run`'s per-rank total for that run. `OOM (> N GiB)`: the worker's address space may grow by N "
                "GiB at most (RLIMIT_AS) and the step needed more; a variant out of memory is not run at longer "
-               "lengths. Speed-up = the peer's step time / this row's, both from the same run."), "",
+               "lengths. Step time: wall clock, or process CPU time where the run says `CPU-time clock`. Speed-up = the peer's step time / this row's, both from the same run."), "",
               "| tokens | variant | step s | peak GiB | speed-up vs peer | estimate GiB | estimate / peak | run |",
               "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     peer = {r["length"]: r for r in rows if r["variant"] == "peer" and "error" not in r}
@@ -309,14 +318,21 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-cap", type=float, default=MEMORY_CAP_GIB,
                     help="GiB the address space of each measurement may grow by (0: no cap)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per measurement (default: torch's choice)")
+    ap.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                    help="step time: wall clock, or process CPU time (a shared machine; use with --threads 1)")
     ap.add_argument("--worker", nargs=2, metavar=("VARIANT", "LENGTH"), help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(capped_worker(args.worker[0], int(args.worker[1]), args.memory_cap)), flush=True)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        print(json.dumps(capped_worker(args.worker[0], int(args.worker[1]), args.memory_cap, args.clock)), flush=True)
         return 0
     stored = load_results() if not args.no_write else {"runs": [], "rows": []}
-    run = run_info(" ".join(argv))
+    run = run_info(" ".join(argv), args.threads, args.clock)
     rows = []
     plan = [(n, "longtune") for n in args.estimate_lengths]
     plan += [(n, v) for n in sorted(args.lengths) for v in args.variants]
@@ -326,7 +342,7 @@ def main(argv=None) -> int:
             r = {"variant": variant, "length": length,
                  "error": f"not run ({failed[variant]['error']} at {failed[variant]['length']})"}
         else:
-            r = measure(variant, length, args.timeout, args.memory_cap)
+            r = measure(variant, length, args.timeout, args.memory_cap, args.threads, args.clock)
             if "OOM" in r.get("error", "") or "killed" in r.get("error", ""):
                 failed.setdefault(variant, r)
         print(json.dumps(r), flush=True)

@@ -112,3 +112,24 @@ def test_tiled_mlp_under_checkpointing_same_gradients_no_wasted_forward():
     # each tile: forward (2 rows x 32 tokens), backward's recomputation (DeepSpeed flattens the
     # rows: 64 tokens of 192); nothing runs in the layers' recomputation
     assert sorted(calls) == [32] * (tiles * layers) + [64] * (tiles * layers), calls
+
+
+def test_offload_hooks_reach_every_layer_input():
+    """The offload (outer saved-tensor hooks) sees each checkpointed layer's input: what it moves
+    to host memory on an accelerator is exactly what checkpointing keeps."""
+    r = recipe(offload_activations=True, save_attention=True)
+    model = build_model(r).train()
+    inputs_seen, packed = [], set()
+    for layer in model.get_base_model().model.layers:
+        layer.register_forward_pre_hook(lambda _m, args: inputs_seen.append(args[0].data_ptr()))
+    ids = torch.randint(0, 256, (2, T), generator=torch.Generator().manual_seed(1))
+
+    def pack(t):
+        packed.add(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = loss_sum_and_outputs(model, {"input_ids": ids}, shift_labels(ids),
+                                       r.memory.model_copy(update={"offload_activations": False}))
+    assert len(inputs_seen) == 3 and set(inputs_seen) <= packed
+    loss.backward()

@@ -46,7 +46,7 @@ def test_table_speedup_only_within_one_run_and_oom_rows():
 
 def _capped(nbytes: int, cap_gib: float) -> dict:
     code = ("import json, torch, finetune.long_bench as b\n"
-            f"b.worker = lambda v, n: {{'variant': v, 'length': n, 'sum': torch.ones({nbytes} // 4).sum().item()}}\n"
+            f"b.worker = lambda v, n, *_: {{'variant': v, 'length': n, 'sum': torch.ones({nbytes} // 4).sum().item()}}\n"
             f"print(json.dumps(b.capped_worker('peer', 7, {cap_gib})))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -110,7 +110,6 @@ def test_other_load_is_the_machine_busy_time_minus_ours(tmp_path, monkeypatch):
     stat = tmp_path / "stat"
     monkeypatch.setattr(measure, "_STAT", stat)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(os, "sysconf", lambda name: 100)
     clock = {"cpu": 10.0, "wall": 50.0}
     monkeypatch.setattr(measure.time, "process_time", lambda: clock["cpu"])
     monkeypatch.setattr(measure.time, "perf_counter", lambda: clock["wall"])

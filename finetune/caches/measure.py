@@ -112,7 +112,6 @@ class OtherLoad:
         j1, c1, w1 = _machine_jiffies(), time.process_time(), time.perf_counter()
         if self._j0 is None or j1 is None or w1 <= self._w0:
             return False
-        hz = os.sysconf("SC_CLK_TCK")
         total = j1[1] - self._j0[1]
         if total <= 0:
             return False

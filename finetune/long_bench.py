@@ -58,16 +58,19 @@ def rss_bytes() -> int:
 
 def reset_peak() -> None:
     """Linux: restart the process's peak-RSS counter (VmHWM), so loading the model is not the peak."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    from finetune.caches.measure import reset_peak_rss
+
+    if not reset_peak_rss():
+        raise RuntimeError("cannot reset the peak resident set (/proc/self/clear_refs)")
 
 
 def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    from finetune.caches.measure import status_kib
+
+    kib = status_kib("VmHWM")
+    if kib is None:
+        raise RuntimeError("no VmHWM in /proc/self/status")
+    return kib * 1024
 
 
 def bench_recipe(length: int, memory: bool):

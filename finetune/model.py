@@ -233,7 +233,7 @@ def build_model(recipe: Recipe, config: PretrainedConfig | None = None) -> torch
 
         install_tiled_mlp(model, recipe.memory.tiled_mlp_tokens)
     if recipe.training.gradient_checkpointing:
-        from finetune import checkpointing  # reentrant for a real offload, selective saving (its docstring)
+        from finetune import checkpointing  # non-reentrant, optionally selective (its docstring)
 
         checkpointing.enable(model, recipe.memory)
         model.config.use_cache = False

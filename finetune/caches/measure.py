@@ -24,7 +24,7 @@ _STAT = Path("/proc/stat")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
     try:
         for line in _STATUS.read_text().splitlines():
             if line.startswith(field + ":"):
@@ -34,7 +34,7 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Give freed heap back to the OS (else a later call reuses it unseen), reset VmHWM."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -72,11 +72,11 @@ def timed_peak(fn, device="cpu", clock: str = "wall"):
         seconds = now() - t0
         return out, seconds, int(torch.cuda.max_memory_allocated(device) - base)
     gc.collect()
-    base = _status_kib("VmRSS") if _reset_peak_rss() else None
+    base = status_kib("VmRSS") if reset_peak_rss() else None
     t0 = now()
     out = fn()
     seconds = now() - t0
-    peak = _status_kib("VmHWM") if base is not None else None
+    peak = status_kib("VmHWM") if base is not None else None
     return out, seconds, None if peak is None else max(0, peak - base) * 1024
 
 

@@ -221,6 +221,17 @@ def mlp_tile_tokens(tile_tokens: int | None, hidden_size: int) -> int:
     return int(tile_tokens) if tile_tokens else max(int(hidden_size), MIN_MLP_TILE)
 
 
+def tiled_forward(fn, module, x: torch.Tensor, shards: int) -> torch.Tensor:
+    """``fn(module, x)`` over ``shards`` tiles of the flattened tokens, as DeepSpeed's backward
+    tiles them. A tile cut from (B, T, h) along T is a (1, T/n, h) view whose batch stride is not
+    its size: ``F.linear`` then takes the batched-matmul path (at 8K tokens on the CPU box, about
+    1.8x the time of the same product as one matmul); a tile of the (B*T, h) view is a plain
+    matrix."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.cat([fn(module, part) for part in torch.chunk(flat, shards, dim=0)], dim=0)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class _SaveInput(torch.autograd.Function):
     """Identity that saves its input for ``_TiledMLPFromSaved``'s backward.
 
@@ -249,7 +260,7 @@ class _TiledMLPFromSaved(torch.autograd.Function):
         ctx.fn, ctx.module, ctx.shards, ctx.saved_by = fn, module, shards, saved_by
         ctx.compute_params = [p for p in compute_params if p.requires_grad]
         with torch.no_grad():
-            return torch.cat([fn(module, part) for part in torch.chunk(x, shards, dim=-2)], dim=-2)
+            return tiled_forward(fn, module, x, shards)
 
     @staticmethod
     def backward(ctx, *grads):

@@ -229,14 +229,29 @@ def measure(variant: str, length: int, timeout: int, cap_gib: float | None = MEM
     return {"variant": variant, "length": length, "error": error}
 
 
-def run_info(argv_text: str, threads: int | None = None, clock: str = "wall") -> dict:
+def run_info(argv_text: str, threads: int | None = None, clock: str = "wall", repeats: int = 1) -> dict:
     import torch
 
     how = f", {threads} torch thread{'s' if threads != 1 else ''}" if threads else ""
     how += ", CPU-time clock" if clock == "cpu" else ""
+    how += f", fastest of {repeats} alternating repeats" if repeats > 1 else ""
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{benchdoc.cpu_name()}, {os.cpu_count()} cores{how}, torch {torch.__version__}, {platform.system()}",
             "command": f"python -m finetune.long_bench {argv_text}".strip()}
+
+
+def fastest(measured: list[dict]) -> dict:
+    """One row from the repeated measurements of one (length, variant): the fastest step (on a
+    shared machine the least disturbed one; the variants alternate, so each had the same chances),
+    with the largest peak of them all. An error row stands when nothing was measured."""
+    ok = [r for r in measured if "error" not in r]
+    if not ok:
+        return measured[0]
+    best = dict(min(ok, key=lambda r: r["seconds"]))
+    best["peak_gib"] = max(r["peak_gib"] for r in ok)
+    if len(ok) > 1:
+        best["all_seconds"] = [round(r["seconds"], 1) for r in ok]
+    return best
 
 
 def load_results(path: Path = RESULTS) -> dict:
@@ -287,7 +302,7 @@ def table(results: dict) -> str:
                "reset after loading) minus the resident set before the model was built. Estimate = `longtune train "
                "--dry-run`'s per-rank total for that run. `OOM (> N GiB)`: the worker's address space may grow by N "
                "GiB at most (RLIMIT_AS) and the step needed more; a variant out of memory is not run at longer "
-               "lengths. Step time: wall clock, or process CPU time where the run says `CPU-time clock`. Speed-up = the peer's step time / this row's, both from the same run."), "",
+               "lengths. Step time: wall clock, or process CPU time where the run says `CPU-time clock`; where it says `fastest of N alternating repeats`, every variant was measured N times, round by round, and the row keeps the fastest step (and the largest peak). Speed-up = the peer's step time / this row's, both from the same run."), "",
               "| tokens | variant | step s | peak GiB | speed-up vs peer | estimate GiB | estimate / peak | run |",
               "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     peer = {r["length"]: r for r in rows if r["variant"] == "peer" and "error" not in r}
@@ -324,11 +339,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per measurement (default: torch's choice)")
     ap.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
                     help="step time: wall clock, or process CPU time (a shared machine; use with --threads 1)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measure every (length, variant) this many times, alternating, and keep the fastest")
     ap.add_argument("--worker", nargs=2, metavar=("VARIANT", "LENGTH"), help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         ap.error("--threads must be >= 1")
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
     if args.worker:
         if args.threads:
             import torch
@@ -337,23 +356,30 @@ def main(argv=None) -> int:
         print(json.dumps(capped_worker(args.worker[0], int(args.worker[1]), args.memory_cap, args.clock)), flush=True)
         return 0
     stored = load_results() if not args.no_write else {"runs": [], "rows": []}
-    run = run_info(" ".join(argv), args.threads, args.clock)
-    rows = []
-    plan = [(n, "longtune") for n in args.estimate_lengths]
-    plan += [(n, v) for n in sorted(args.lengths) for v in args.variants]
+    run = run_info(" ".join(argv), args.threads, args.clock, args.repeats)
+    plan = [(n, ["longtune"], 1) for n in args.estimate_lengths]
+    plan += [(n, list(args.variants), args.repeats) for n in sorted(args.lengths)]
+    done: dict[tuple[int, str], list[dict]] = {}  # (length, variant) -> its measurements
     failed: dict[str, dict] = {}  # variant -> its first out-of-memory row
-    for length, variant in plan:
-        if variant in failed and length > failed[variant]["length"]:
-            r = {"variant": variant, "length": length,
-                 "error": f"not run ({failed[variant]['error']} at {failed[variant]['length']})"}
-        else:
-            r = measure(variant, length, args.timeout, args.memory_cap, args.threads, args.clock)
-            if "OOM" in r.get("error", "") or "killed" in r.get("error", ""):
-                failed.setdefault(variant, r)
-        print(json.dumps(r), flush=True)
-        rows.append(r)
-        if not args.no_write:  # after every row: a run stopped halfway keeps what it measured
-            save(merge(stored, run, rows))
+    for length, variants, repeats in plan:
+        for _ in range(repeats):  # alternating: each variant once per round
+            for variant in variants:
+                measured = done.setdefault((length, variant), [])
+                if variant in failed and length > failed[variant]["length"]:
+                    if not measured:
+                        measured.append({"variant": variant, "length": length,
+                                         "error": f"not run ({failed[variant]['error']} at {failed[variant]['length']})"})
+                    continue
+                if any("error" in r for r in measured):  # out of memory or timed out: once is enough
+                    continue
+                r = measure(variant, length, args.timeout, args.memory_cap, args.threads, args.clock)
+                if "OOM" in r.get("error", "") or "killed" in r.get("error", ""):
+                    failed.setdefault(variant, r)
+                print(json.dumps(r), flush=True)
+                measured.append(r)
+                if not args.no_write:  # after every measurement: a run stopped halfway keeps what it measured
+                    save(merge(stored, run, [fastest(m) for m in done.values()]))
+    rows = [fastest(m) for m in done.values()]
     text = table(merge(stored, run, rows))
     print(text)
     if not args.no_write:

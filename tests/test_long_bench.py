@@ -73,3 +73,39 @@ def test_a_corrupt_results_file_is_named(tmp_path):
     bad.write_text("{broken")
     with pytest.raises(ValueError, match="benchmarks_long.json"):
         load_results(bad)
+
+
+
+def test_repeats_alternate_and_keep_the_fastest(monkeypatch, capsys):
+    calls = []
+    times = {("longtune", 0): 30.0, ("peer", 0): 50.0, ("longtune", 1): 34.0, ("peer", 1): 41.0}
+
+    def fake_measure(variant, length, *_):
+        n = sum(1 for v, _l in calls if v == variant)
+        calls.append((variant, length))
+        if variant == "longtune+memory":  # out of memory: measured once, never repeated
+            return {"variant": variant, "length": length, "error": lb.oom_text(20)}
+        return {"variant": variant, "length": length, "seconds": times[(variant, n)], "peak_gib": 1.0 + n}
+
+    monkeypatch.setattr(lb, "measure", fake_measure)
+    assert lb.main(["--lengths", "4096", "--estimate-lengths", "--repeats", "2", "--no-write"]) == 0
+    # round by round: every variant once, then again (the out-of-memory one not again)
+    assert calls == [("longtune", 4096), ("longtune+memory", 4096), ("peer", 4096), ("longtune", 4096), ("peer", 4096)]
+    lines = {tuple(c.strip() for c in ln.strip("|").split("|")[:2]): ln
+             for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")}
+    # fastest of each (30 and 41 s), the larger peak, the speed-up between the fastest
+    assert lines[("4096", "longtune")].startswith("| 4096 | longtune | 30.0 | 2.00 | 1.37x |")
+    assert lines[("4096", "peer")].startswith("| 4096 | peer | 41.0 | 2.00 |")
+    assert "OOM (> 20 GiB)" in lines[("4096", "longtune+memory")]
+    assert lb.fastest([{"variant": "peer", "length": 1, "seconds": 50.0, "peak_gib": 1.0},
+                       {"variant": "peer", "length": 1, "seconds": 41.0, "peak_gib": 2.0}])["all_seconds"] == [50.0, 41.0]
+    assert ", fastest of 2 alternating repeats, torch " in lb.run_info("x", None, "wall", 2)["machine"]
+    assert "repeats" not in lb.run_info("x")["machine"]
+
+
+def test_repeats_below_one_is_a_usage_error(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        lb.main(["--repeats", "0", "--no-write"])
+    assert e.value.code == 2 and "--repeats must be >= 1" in capsys.readouterr().err

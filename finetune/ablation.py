@@ -175,6 +175,7 @@ def row_result(row: Row, seed: int, rd: Path) -> dict:
         "run_dir": str(rd),
         "steps": steps,
         "seconds_per_step": last["train_runtime"] / steps if last and steps else None,
+        "trained": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime((REPO / rd / "run.json").stat().st_mtime)),
         "trainable_params": run.get("trainable_params"),
         "total_params": run.get("total_params"),
         "ppl": {str(L): ppl[str(L)]["ppl"] for L in lengths},
@@ -385,6 +386,13 @@ def write_outputs(results: dict, repo: Path = REPO, smoke_dir: Path | None = Non
              "", header, "", legend, "", tbl, "", "![ablation](ablation/ablation.png)", "",
              "## The papers' orderings against ours", ""]  # fmt: skip
     lines += verdicts(rows)
+    lines += ["", "## Runs", "",
+              "s/step compares runs made under the same load only: the seed-0 SF-Attn and hybrid rows reuse "
+              "`make demo`'s runs, which may have been trained at another time (and load) than the rest.", "",
+              "| row | seed | run | trained | s/step |", "| --- | ---: | --- | --- | ---: |"]
+    lines += [f"| {r['row']} | {r['seed']} | `{r['run_dir']}` | {r.get('trained', 'n/a')} | "
+              + ("n/a" if r.get("seconds_per_step") is None else f"{r['seconds_per_step']:.2f}") + " |"
+              for r in results["runs"]]
     if results.get("times"):
         lines += ["", "## Wall time", "", "| step | seconds |", "| --- | ---: |"]
         lines += [f"| {k} | {v:.0f} |" for k, v in results["times"].items()]

@@ -101,6 +101,9 @@ def test_outputs_written_from_results(tmp_path):
     readme = (tmp_path / "README.md").read_text()
     assert "old" not in readme and readme.startswith("intro\n") and readme.endswith("rest\n")
     assert A.table(A.aggregate(FIXTURE)) in readme
+    # every run listed with its seed, folder and s/step (the fixture has no training date)
+    assert "| sf-lora+ | 1 | `runs/ablation/sf-lora+/seed1` | n/a | 1.50 |" in doc
+    assert "| full-ft | 0 | `runs/ablation/full-ft/seed0` | n/a | 2.00 |" in doc
 
 
 def test_kv_bytes_equal_a_real_cache():

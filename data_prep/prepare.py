@@ -25,7 +25,7 @@ import numpy as np
 from data_prep.assets import load_tokenizer
 from data_prep.errors import DataError
 from data_prep.mixture import choose_eval_documents, draw_mixture, length_upsample
-from data_prep.pretrain import pack, separator_id, tokenize_documents
+from data_prep.pretrain import owners, pack, pack_whole, separator_id, tokenize_documents
 from data_prep.sft import IGNORE, tokenize_samples
 from data_prep.sources import read_source
 from finetune.rundir import swap_in
@@ -212,6 +212,29 @@ def _read(recipe, tokenizer, scratch: Path, progress):
 
 
 # --------------------------------------------------------------------------- build
+def _pack(values, offsets, order, seq_length, sep, data, tokenizer):
+    """`pack` or `pack_whole` by `data.packing`, as a dict: ids, pos, owner (each token's index
+    into ``order``, -1 for padding), docs (documents packed), tokens (theirs, with separators),
+    tail (tokens dropped from the partial last row)."""
+    sep_after = data.separator == "eos"
+    if data.packing == "whole":
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (sep if sep is not None else 0)
+        ids, pos, owner, tail = pack_whole(values, offsets, order, seq_length, sep, sep_after, int(pad))
+    else:
+        ids, pos, seg, tail = pack(values, offsets, order, seq_length, sep, sep_after)
+        owner = owners(seg, len(ids), seq_length)
+    lens = offsets[np.asarray(order, dtype=np.int64) + 1] - offsets[np.asarray(order, dtype=np.int64)]
+    tokens = int(lens.sum()) + (0 if sep is None else len(order))
+    return {"ids": ids, "pos": pos, "owner": owner, "docs": len(order), "tokens": tokens, "tail": int(tail)}
+
+
+def _documents_started(owner: np.ndarray, n_rows: int) -> int:
+    """Documents whose first packed token is in the first ``n_rows`` rows."""
+    flat = owner.ravel()
+    docs, first = np.unique(flat, return_index=True)
+    return int(((docs >= 0) & (first < n_rows * owner.shape[1])).sum())
+
+
 def build(recipe, scratch: Path, progress=None) -> tuple[dict, dict]:
     """The prepared splits (name -> Dataset) and the manifest, without writing anything final."""
     if progress is None:
@@ -286,42 +309,45 @@ def build(recipe, scratch: Path, progress=None) -> tuple[dict, dict]:
     totals: dict = {"seq_length": seq_length}
     splits = {}
     if data.format == "pretrain":
-        packed = {name: pack(values, offsets, o, seq_length, sep, data.separator == "eos") for name, o in order.items()}
-        rows = {name: len(p[0]) for name, p in packed.items()}
+        packed = {name: _pack(values, offsets, o, seq_length, sep, data, tokenizer) for name, o in order.items()}
+        rows = {name: len(p["ids"]) for name, p in packed.items()}
         if rows["train"] == 0:
             raise DataError(
-                f"the training documents hold {int(packed['train'][2].sum())} tokens (with separators), less "
+                f"the training documents hold {packed['train']['tokens']} tokens (with separators), less "
                 f"than one row of seq_length={seq_length}; add data or lower data.seq_length"
             )
         if "eval" in rows and rows["eval"] == 0:
             raise DataError(
-                f"the eval documents hold {int(packed['eval'][2].sum())} tokens, less than one row of "
+                f"the eval documents hold {packed['eval']['tokens']} tokens, less than one row of "
                 f"seq_length={seq_length}; raise data.eval_fraction or add data"
             )
         n_train, n_eval = _capped_rows(rows["train"], rows.get("eval", 0), data)
         for name, n_rows in (("train", n_train), ("eval", n_eval)):
             if name not in packed:
                 continue
-            input_ids, position_ids, seg, tail = packed[name]
+            p = packed[name]
+            input_ids, position_ids, owner, tail = p["ids"], p["pos"], p["owner"], p["tail"]
             sl = slice(0, n_rows)
-            row_src = np.repeat(src_of[name], seg)[: rows[name] * seq_length].reshape(rows[name], seq_length)
-            seg_row = np.concatenate([[0], np.cumsum(seg)[:-1]]) // seq_length  # row each document starts in
+            row_src = np.where(owner >= 0, src_of[name][np.maximum(owner, 0)], -1)
             ids = input_ids[sl]
             lens = np.full(len(ids), seq_length, dtype=np.int64)
+            labels = np.where(owner[sl] >= 0, ids, IGNORE).astype(np.int32)
             splits[name] = _table(
                 {
                     "input_ids": _list_array(ids.ravel(), lens),
-                    "labels": _list_array(ids.ravel(), lens),
+                    "labels": _list_array(labels.ravel(), lens),
                     "position_ids": _list_array(position_ids[sl].ravel(), lens),
                 }
             )
             for i, report in enumerate(reports):
                 report[f"tokens_{name}"] = int((row_src[sl] == i).sum())
             totals[f"{name}_tokens"] = int(ids.size)
-            totals[f"{name}_documents_started"] = int((seg_row < n_rows).sum())
+            totals[f"{name}_documents_started"] = _documents_started(owner, n_rows)
             totals[f"{name}_tail_tokens_dropped"] = int(tail)
-        totals["separator_tokens"] = 0 if sep is None else sum(len(p[2]) for p in packed.values())
-        totals["tail_tokens_dropped"] = sum(int(p[3]) for p in packed.values())
+            if data.packing == "whole":
+                totals[f"{name}_pad_tokens"] = int((owner[sl] < 0).sum())
+        totals["separator_tokens"] = 0 if sep is None else sum(p["docs"] for p in packed.values())
+        totals["tail_tokens_dropped"] = sum(p["tail"] for p in packed.values())
         totals["rows_packed"] = sum(rows.values())
         totals["rows_dropped_by_max_sequences"] = totals["rows_packed"] - n_eval - n_train
     else:

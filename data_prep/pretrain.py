@@ -2,8 +2,10 @@
 
 Documents are joined into one token stream, each with a separator (`bos` before it, as LongGen
 does; `eos` after it; or `none`), and the stream is cut into rows of `seq_length` tokens. A
-document longer than the room left continues on the next row; the last, partial row is
-dropped (its tokens are counted in the manifest). `position_ids` count from 0 at the start of
+document longer than the room left continues on the next row (`data.packing: split`, the
+default), or, with `data.packing: whole`, a document that fits a row is never cut: retrieval
+documents (a key far back, its question at the end) teach nothing once the key and the question
+land in different rows. The last, partial row is dropped (its tokens are counted in the manifest). `position_ids` count from 0 at the start of
 every document and at the start of every row: attention kernels find document boundaries from
 these resets. `labels` equal `input_ids` (the model shifts them).
 """
@@ -91,3 +93,105 @@ def pack(
     input_ids = stream[:kept].reshape(rows, seq_length)
     position_ids = pos[:kept].astype(np.int32).reshape(rows, seq_length)
     return input_ids, position_ids, seg, total - kept
+
+
+def owners(seg: np.ndarray, rows: int, seq_length: int) -> np.ndarray:
+    """`pack`'s rows as the index into ``order`` of the document each token belongs to."""
+    return np.repeat(np.arange(len(seg), dtype=np.int64), seg)[: rows * seq_length].reshape(rows, seq_length)
+
+
+def pack_whole(
+    values: np.ndarray,
+    offsets: np.ndarray,
+    order: np.ndarray,
+    seq_length: int,
+    sep: int | None,
+    sep_after: bool = False,
+    pad: int = 0,
+):
+    """Like `pack`, but a document that fits a row (with its separator) is never cut.
+
+    Documents that fit go in ``order``; when the next one does not fit the room left in a row,
+    the room is filled from the stream of documents longer than a row (cut anywhere, as `pack`
+    cuts), or with ``pad`` tokens once that stream is spent. After the last short document
+    the rest of the long stream fills rows as `pack` would; the last partial row is dropped.
+    Positions restart at every document, at every piece of a cut document and at every pad run,
+    so attention never crosses them.
+
+    Returns (input_ids, position_ids, owner, tokens dropped from the partial last row), where
+    ``owner`` [rows, seq_length] is the index into ``order`` of each token's document, -1 for pad.
+    """
+    order = np.asarray(order, dtype=np.int64)
+    lens = (offsets[order + 1] - offsets[order]).astype(np.int64)
+    extra = 0 if sep is None else 1
+    seg = lens + extra
+    short = seg <= seq_length
+    long_ks = np.flatnonzero(~short)
+    pieces: list[tuple[int, int, int]] = []  # (k into order or -1 = pad, start within segment, length)
+    state = {"i": 0, "off": 0}
+
+    def take_long(n: int) -> int:
+        got = 0
+        while got < n and state["i"] < len(long_ks):
+            k = int(long_ks[state["i"]])
+            m = min(n - got, int(seg[k]) - state["off"])
+            pieces.append((k, state["off"], m))
+            got += m
+            state["off"] += m
+            if state["off"] == seg[k]:
+                state["i"] += 1
+                state["off"] = 0
+        return got
+
+    room = seq_length
+    for k in np.flatnonzero(short):
+        n = int(seg[k])
+        if n > room:
+            got = take_long(room)
+            if got < room:
+                pieces.append((-1, 0, room - got))
+            room = seq_length
+        pieces.append((int(k), 0, n))
+        room -= n
+        if room == 0:
+            room = seq_length
+    take_long(int(seg[long_ks].sum()))  # everything left of the long stream
+
+    pk = np.array([p[0] for p in pieces], dtype=np.int64).reshape(-1)
+    p0 = np.array([p[1] for p in pieces], dtype=np.int64).reshape(-1)
+    pn = np.array([p[2] for p in pieces], dtype=np.int64).reshape(-1)
+    total = int(pn.sum())
+    owner = np.repeat(pk, pn)
+    piece_first = np.zeros(len(pn), dtype=np.int64)
+    if len(pn):
+        piece_first[1:] = np.cumsum(pn)[:-1]
+    j = np.arange(total, dtype=np.int64) - np.repeat(piece_first - p0, pn)  # offset within the segment
+    real = owner >= 0
+    stream = np.full(total, pad, dtype=np.int32)
+    ko, jo = owner[real], j[real]
+    if sep is None:
+        is_sep = np.zeros(len(ko), dtype=bool)
+        within = jo
+    elif sep_after:
+        is_sep = jo == lens[ko]
+        within = jo
+    else:
+        is_sep = jo == 0
+        within = jo - 1
+    vals = np.where(is_sep, 0, values[offsets[order[ko]] + np.where(is_sep, 0, within)])
+    stream[real] = np.where(is_sep, sep if sep is not None else 0, vals).astype(np.int32)
+
+    rows = total // seq_length
+    kept = rows * seq_length
+    reset = np.zeros(total, dtype=bool)
+    reset[piece_first[pn > 0]] = True
+    reset[real] |= jo == 0  # a document starting inside a piece of the long stream
+    reset[::seq_length] = True
+    idx = np.arange(total, dtype=np.int64)
+    pos = idx - np.maximum.accumulate(np.where(reset, idx, 0))
+    return (
+        stream[:kept].reshape(rows, seq_length),
+        pos[:kept].astype(np.int32).reshape(rows, seq_length),
+        owner[:kept].reshape(rows, seq_length),
+        total - kept,
+    )

@@ -248,6 +248,11 @@ class DataSection(Section):
     short_keep_prob: float = Field(default=1.0, ge=0, le=1)
     #: Separator between packed documents: bos (LongGen), eos, or none.
     separator: Literal["bos", "eos", "none"] = "bos"
+    #: Pretrain packing: split cuts the document stream every seq_length tokens; whole never
+    #: cuts a document that fits a row (the room it leaves is filled from documents longer than
+    #: a row, else padded with labels -100): retrieval documents need their key and question
+    #: in the same row.
+    packing: Literal["split", "whole"] = "split"
     #: SFT: what to do with a sample longer than seq_length.
     overlong: Literal["truncate", "drop"] = "truncate"
     #: SFT field names (LongAlpaca style) or a chat `messages` field.

@@ -13,7 +13,7 @@ from data_prep import DataError
 from data_prep.assets import byte_tokenizer
 from data_prep.collate import DataCollator
 from data_prep.prepare import is_prepared, main, prepare
-from data_prep.pretrain import pack
+from data_prep.pretrain import pack, pack_whole
 from data_prep.sft import PROMPT_INPUT, PROMPT_NO_INPUT
 from finetune.recipe import validate
 
@@ -93,6 +93,94 @@ def test_pack_matches_reference(sep, sep_after, seq_length):
     rids, rpos, rtail = ref_pack([docs[j] for j in order], seq_length, sep, sep_after)
     assert ids.tolist() == rids and pos.tolist() == rpos and tail == rtail
     assert int(seg.sum()) == ids.size + tail
+
+
+def _segments(docs, sep, sep_after):
+    out = []
+    for d in docs:
+        seg = list(d)
+        if sep is not None:
+            seg = seg + [sep] if sep_after else [sep] + seg
+        out.append(seg)
+    return out
+
+
+@pytest.mark.parametrize("sep,sep_after", [(BOS, False), (EOS, True), (None, False)])
+@pytest.mark.parametrize("seq_length", [5, 16])
+def test_pack_whole_never_cuts_a_document_that_fits_a_row(sep, sep_after, seq_length):
+    rng = np.random.default_rng(2)
+    docs = [rng.integers(0, 250, size=int(n)).tolist() for n in rng.integers(1, 40, size=40)]
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    values = np.array([t for d in docs for t in d], dtype=np.int32)
+    order = np.concatenate([rng.permutation(len(docs)), [3, 5]])
+    ids, pos, owner, tail = pack_whole(values, offsets, order, seq_length, sep, sep_after, pad=PAD)
+    segs = _segments([docs[j] for j in order], sep, sep_after)
+    short = [k for k, g in enumerate(segs) if len(g) <= seq_length]
+    long_stream = [t for k, g in enumerate(segs) if len(g) > seq_length for t in g]
+    seen_short, long_got = [], []
+    for r in range(len(ids)):
+        row, own, p = ids[r].tolist(), owner[r].tolist(), pos[r].tolist()
+        i = 0
+        while i < seq_length:  # walk the row's runs of one owner
+            j = i
+            while j < seq_length and own[j] == own[i] and (j == i or p[j] == p[j - 1] + 1):
+                j += 1
+            k = own[i]
+            assert p[i] == 0, "positions restart at every document, piece and pad run"
+            if k < 0:
+                assert row[i:j] == [PAD] * (j - i)
+            elif len(segs[k]) <= seq_length:
+                assert row[i:j] == segs[k], "a document that fits a row is whole, in one row"
+                seen_short.append(k)
+            else:
+                long_got += row[i:j]
+            i = j
+    # short documents in order, each once (the rest of the stream: the dropped tail); the long
+    # stream in order, cut anywhere; pads only where a short document did not fit the room left
+    assert seen_short == short[: len(seen_short)]
+    assert long_got == long_stream[: len(long_got)]
+    real = int((owner >= 0).sum())
+    assert real + tail == sum(len(g) for g in segs)
+    if tail == 0:
+        assert len(seen_short) == len(short) and len(long_got) == len(long_stream)
+
+
+@pytest.mark.parametrize("sep,sep_after", [(BOS, False), (EOS, True)])
+def test_pack_whole_equals_pack_when_every_document_is_longer_than_a_row(sep, sep_after):
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(0, 250, size=int(n)).tolist() for n in rng.integers(20, 60, size=9)]
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    values = np.array([t for d in docs for t in d], dtype=np.int32)
+    order = rng.permutation(len(docs))
+    a = pack(values, offsets, order, 16, sep, sep_after)
+    b = pack_whole(values, offsets, order, 16, sep, sep_after, pad=PAD)
+    assert a[0].tolist() == b[0].tolist() and a[1].tolist() == b[1].tolist() and a[3] == b[3]
+    assert (b[2] >= 0).all()
+
+
+def test_prepare_whole_packing_pads_with_ignored_labels(tmp_path):
+    texts = [f"doc{i:02d} " + "xyz" * (i % 5) + "." for i in range(30)] + ["long " + "abcdefg" * 4]
+    src = jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    r = recipe(tmp_path, [{"type": "jsonl", "path": src}], seq_length=24, packing="whole")
+    dd, m = load(prepare(r))
+    found = []
+    for ids, labels, pos in zip(dd["train"]["input_ids"], dd["train"]["labels"], dd["train"]["position_ids"]):
+        for t, lab in zip(ids, labels):
+            assert lab == (-100 if t == PAD else t)
+        cuts = [i for i, q in enumerate(pos) if q == 0] + [len(ids)]  # documents, pieces, pad runs
+        for a, b in zip(cuts, cuts[1:]):
+            piece = bytes(t for t in ids[a:b] if t < 256).decode()
+            if piece.startswith("doc"):
+                found.append(piece)
+    assert all(f in texts for f in found), "every short document whole in a row"
+    assert len(found) == len(set(found)) and len(found) >= 25
+    assert m["tokens"]["train_pad_tokens"] == sum(lab == -100 for row in dd["train"]["labels"] for lab in row)
+    split = recipe(tmp_path / "s", [{"type": "jsonl", "path": src}], seq_length=24)
+    ds, _ = load(prepare(split))
+    rows = ["".join(chr(t) if t < 256 else "|" for t in ids) for ids in ds["train"]["input_ids"]]
+    assert any(not (row.endswith(".") or row.endswith("|")) and "doc" in row.rsplit("|", 1)[-1] for row in rows), (
+        "the split packing does cut short documents (the case whole packing exists for)"
+    )
 
 
 def test_prepare_pretrain_keeps_every_document_and_boundary(tmp_path):

@@ -1,5 +1,10 @@
 """longtune: long-context fine-tuning for Llama-family models."""
 
+from finetune.quiet import mute_bnb_hub_kernel_probe
+
+# Before anything imports bitsandbytes (peft, the HF Trainer): see finetune/quiet.py.
+mute_bnb_hub_kernel_probe()
+
 
 def __getattr__(name):
     # Lazy: `import finetune` stays cheap; `finetune.load_model` imports torch/transformers on use.

@@ -32,9 +32,13 @@ def world(recipe: Recipe, ngpus: int | None) -> tuple[int, bool]:
 
 def preflight(recipe: Recipe, ngpus: int | None, hostfile: str | None = None) -> None:
     """Checks that need the world size or the model's config, before any process is spawned."""
-    from finetune.model import load_base_config
+    from finetune.model import check_tokenizer, load_base_config
     from finetune.sequence_parallel import check_world
 
+    if recipe.model.config is not None and recipe.model.tokenizer:  # a local tokenizer: checked before anything is spawned
+        from data_prep.assets import load_tokenizer
+
+        check_tokenizer(recipe, load_base_config(recipe), load_tokenizer(recipe.model.tokenizer))
     if recipe.memory.sequence_parallel > 1:
         n, _ = world(recipe, ngpus)
         multi_node = bool(hostfile or recipe.deepspeed.hostfile)  # world = nodes x n: DeepSpeed checks

@@ -139,6 +139,27 @@ def load_dtype(recipe: Recipe) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(training_precision(recipe), torch.float32)
 
 
+def check_tokenizer(recipe: Recipe, config: PretrainedConfig, tokenizer) -> None:
+    """A model built from `model.config` must agree with its tokenizer: ids past its embedding
+    rows fail mid-step with an index error, and bos/eos/pad ids that are not the tokenizer's
+    make packing, padding and generation use the wrong tokens. Both are recipe mistakes."""
+    if recipe.model.config is None:
+        return
+    name = recipe.model.tokenizer or recipe.model.name_or_path
+    n = len(tokenizer)
+    if n > config.vocab_size:
+        raise RecipeError(
+            f"model.config.vocab_size = {config.vocab_size} is smaller than tokenizer '{name}' ({n} tokens): "
+            f"set model.config.vocab_size: {n}"
+        )
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        want, got = getattr(tokenizer, key, None), getattr(config, key, None)
+        if want is not None and got != want:
+            raise RecipeError(
+                f"model.config.{key} = {got}, but tokenizer '{name}' has {key} {want}: set model.config.{key}: {want}"
+            )
+
+
 # --------------------------------------------------------------------------- model
 def build_base_model(recipe: Recipe, config: PretrainedConfig | None = None) -> torch.nn.Module:
     config = config or build_config(recipe)

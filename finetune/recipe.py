@@ -77,7 +77,8 @@ class ModelSection(Section):
     name_or_path: str | None = None
     #: Inline LlamaConfig keyword arguments: builds a randomly initialised model (tests, demo).
     config: dict[str, Any] | None = None
-    #: Tokenizer: Hub id, directory, or alias (`byte` = offline byte-level tokenizer).
+    #: Tokenizer: Hub id, directory, or alias (`byte` = offline byte-level tokenizer; `bpe-<N>` =
+    #: a BPE of N tokens trained offline on the bundled texts, docs/data.md).
     #: Defaults to the model's own.
     tokenizer: str | None = None
     #: Weights dtype when loading: auto = bf16 on a GPU that supports it, else fp32.

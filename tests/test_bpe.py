@@ -58,3 +58,20 @@ def test_an_interrupted_build_is_redone(tmp_path, monkeypatch):
 def test_bad_vocab_size_names_the_tokenizer(name):
     with pytest.raises(DataError, match=name):
         load_tokenizer(name)
+
+
+def test_the_demo_base_agrees_with_bpe_1024(tmp_path, monkeypatch):
+    """The demo's config-built base and its `bpe-1024` tokenizer: same vocabulary and special ids,
+    and the eval prompts' key as one token per digit."""
+    from finetune.model import check_tokenizer, load_base_config
+    from finetune.recipe import RECIPES_DIR, load_recipe
+
+    monkeypatch.setenv("LONGTUNE_CACHE", str(tmp_path))
+    r = load_recipe(RECIPES_DIR / "demo" / "pretrain.yaml")
+    tok = load_tokenizer(r.model.tokenizer)
+    cfg = load_base_config(r)
+    check_tokenizer(r, cfg, tok)
+    assert len(tok) == cfg.vocab_size == 1024
+    assert len(tok(" 48213", add_special_tokens=False)["input_ids"]) == 6  # the space, then 5 digits
+    for name in ("extend-sfattn.yaml", "extend-hybrid.yaml"):
+        assert load_recipe(RECIPES_DIR / "demo" / name).model.tokenizer == r.model.tokenizer

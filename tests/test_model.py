@@ -131,3 +131,23 @@ def test_dry_run_cli_prints_estimate(capsys):
     out = capsys.readouterr().out
     assert "trainable parameters:" in out and "memory estimate" in out and "GiB" in out
     assert "run_dir: runs/tiny" in out
+
+
+@pytest.mark.parametrize(
+    "change,key",
+    [({"vocab_size": 200}, "model.config.vocab_size"), ({"bos_token_id": 1}, "model.config.bos_token_id"),
+     ({"pad_token_id": None}, "model.config.pad_token_id")],
+)  # fmt: skip
+def test_a_config_model_must_agree_with_its_tokenizer(tmp_path, tiny_config, change, key):
+    from data_prep.assets import byte_tokenizer
+    from finetune.launch import preflight
+    from finetune.model import check_tokenizer, load_base_config
+    from finetune.recipe import RecipeError, validate
+
+    good = validate({"run_dir": str(tmp_path), "model": {"config": tiny_config(), "tokenizer": "byte"}})
+    check_tokenizer(good, load_base_config(good), byte_tokenizer())
+    bad = validate({"run_dir": str(tmp_path), "model": {"config": tiny_config(**change), "tokenizer": "byte"}})
+    with pytest.raises(RecipeError, match=key):
+        check_tokenizer(bad, load_base_config(bad), byte_tokenizer())
+    with pytest.raises(RecipeError, match=key):  # before any process is spawned
+        preflight(bad, None)

@@ -387,8 +387,8 @@ def write_outputs(results: dict, repo: Path = REPO, smoke_dir: Path | None = Non
              "## The papers' orderings against ours", ""]  # fmt: skip
     lines += verdicts(rows)
     lines += ["", "## Runs", "",
-              "s/step compares runs made under the same load only: the seed-0 SF-Attn and hybrid rows reuse "
-              "`make demo`'s runs, which may have been trained at another time (and load) than the rest.", "",
+              ("s/step compares runs made under the same load only: the seed-0 SF-Attn and hybrid rows reuse "
+               "`make demo`'s runs, which may have been trained at another time (and load) than the rest."), "",
               "| row | seed | run | trained | s/step |", "| --- | ---: | --- | --- | ---: |"]
     lines += [f"| {r['row']} | {r['seed']} | `{r['run_dir']}` | {r.get('trained', 'n/a')} | "
               + ("n/a" if r.get("seconds_per_step") is None else f"{r['seconds_per_step']:.2f}") + " |"

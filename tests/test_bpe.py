@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from data_prep import DataError
-from data_prep import bpe
+from data_prep import DataError, bpe
 from data_prep.assets import load_tokenizer
 
 

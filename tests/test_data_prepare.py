@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -168,7 +169,7 @@ def test_prepare_whole_packing_pads_with_ignored_labels(tmp_path):
         for t, lab in zip(ids, labels):
             assert lab == (-100 if t == PAD else t)
         cuts = [i for i, q in enumerate(pos) if q == 0] + [len(ids)]  # documents, pieces, pad runs
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in itertools.pairwise(cuts):
             piece = bytes(t for t in ids[a:b] if t < 256).decode()
             if piece.startswith("doc"):
                 found.append(piece)
@@ -178,7 +179,7 @@ def test_prepare_whole_packing_pads_with_ignored_labels(tmp_path):
     split = recipe(tmp_path / "s", [{"type": "jsonl", "path": src}], seq_length=24)
     ds, _ = load(prepare(split))
     rows = ["".join(chr(t) if t < 256 else "|" for t in ids) for ids in ds["train"]["input_ids"]]
-    assert any(not (row.endswith(".") or row.endswith("|")) and "doc" in row.rsplit("|", 1)[-1] for row in rows), (
+    assert any(not row.endswith((".", "|")) and "doc" in row.rsplit("|", 1)[-1] for row in rows), (
         "the split packing does cut short documents (the case whole packing exists for)"
     )
 

@@ -8,7 +8,6 @@ import re
 
 import datasets
 import pytest
-import yaml
 from pydantic import ValidationError
 
 from data_prep import DataError
@@ -85,33 +84,28 @@ def _eval_answers(cfg_lengths, depths, trials, needle_trials, seed, sentences):
 
 
 def test_held_out_keys_never_in_the_demo_training_documents(monkeypatch):
-    """Every key and number the demo's eval asks (its lengths, seeds 0-2, as many trials and
-    depths as the retrieval experiments used) is absent from the retrieval documents of both
-    mixtures tried for the demo (its recipes plus the source)."""
+    """Every key and number the demo's eval asks (its lengths, trials and needle depths, seeds
+    0-2, and the 5 depths x 2 trials of the development runs) is absent from the retrieval
+    documents the demo's recipes train on (pretraining and extension)."""
     monkeypatch.setattr(P, "greedy_answer", lambda *a, **k: "")
     monkeypatch.setattr(N, "greedy_answer", lambda *a, **k: "")
-    ext = load_recipe(RECIPES_DIR / "demo" / "extend-sfattn.yaml")
-    e = ext.eval
     sentences = [f"Sentence number {w} is here." for w in ("one", "two", "three", "four")] * 50
-    asked = set()
-    for seed in (0, 1, 2):
-        # the evaluation the retrieval mixtures were tried with: 10 passkey trials, 5 depths x 2
-        asked |= _eval_answers(e.lengths, [0.1, 0.3, 0.5, 0.7, 0.9], 10, 2, seed, sentences)
-    assert len(asked) > 50
-    # the mixtures tried for the demo (docs/data.md): 256- and 2048-character documents
-    for name, synthetic in (
-        ("pretrain.yaml", {"documents": 20000, "min_chars": 110, "max_chars": 256, "seed": 0}),
-        ("extend-sfattn.yaml", {"documents": 4000, "min_chars": 110, "max_chars": 2040, "seed": 1}),
-    ):
-        raw = yaml.safe_load((RECIPES_DIR / "demo" / name).read_text())
-        raw["data"]["sources"].append(
-            {"type": "synthetic_retrieval", "path": "retrieval", "weight": 0.66, "synthetic": synthetic}
-        )
-        (src,) = [s for s in validate(raw).data.sources if s.type == "synthetic_retrieval"]
-        trained = {r["answer"] for _, r in documents(src.synthetic)}
-        assert asked <= eval_numbers(src.synthetic.exclude_eval_seeds, src.synthetic.exclude_eval_lengths,
-                                     src.synthetic.exclude_eval_depths)  # fmt: skip
-        assert not asked & trained, f"{name}: eval keys in training: {sorted(asked & trained)[:5]}"
+    checked = 0
+    for name in ("pretrain.yaml", "extend-sfattn.yaml", "extend-hybrid.yaml"):
+        r = load_recipe(RECIPES_DIR / "demo" / name)
+        e = r.eval
+        asked = set()
+        for seed in (0, 1, 2):
+            asked |= _eval_answers(e.lengths, e.needle_depths, e.passkey_trials, e.needle_trials, seed, sentences)
+            asked |= _eval_answers(e.lengths, [0.1, 0.3, 0.5, 0.7, 0.9], 10, 2, seed, sentences)
+        assert len(asked) > 50
+        for src in (s for s in r.data.sources if s.type == "synthetic_retrieval"):
+            trained = {doc["answer"] for _, doc in documents(src.synthetic)}
+            assert asked <= eval_numbers(src.synthetic.exclude_eval_seeds, src.synthetic.exclude_eval_lengths,
+                                         src.synthetic.exclude_eval_depths)  # fmt: skip
+            assert not asked & trained, f"{name}: eval keys in training: {sorted(asked & trained)[:5]}"
+            checked += 1
+    assert checked == 3, "each demo recipe trains on synthetic retrieval documents"
 
 
 def test_settings_are_validated():

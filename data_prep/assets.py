@@ -81,7 +81,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from data_prep.bpe import bpe_tokenizer_dir, bpe_vocab_size
 
     if bpe_vocab_size(name_or_path) is not None:
-        tok = AutoTokenizer.from_pretrained(bpe_tokenizer_dir(name_or_path))
+        plays = lambda: [d["text"] for d in resolve_corpus("shakespeare")]
+        tok = AutoTokenizer.from_pretrained(bpe_tokenizer_dir(name_or_path, cache_dir(), plays))
         tok.name_or_path = name_or_path
         return tok
     return AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)

@@ -9,7 +9,8 @@ documents (data_prep/synthetic.py), so the task's words are whole tokens.
 
 The tokenizer is built on first use into `<cache>/tokenizers/bpe-<N>-v<BUILD>` (a temporary
 folder renamed into place) and read from there after; the same N gives the same tokenizer
-(tests check the build is deterministic). Ids 0, 1, 2 are `<s>`, `</s>`, `<pad>`.
+(tests check the build is deterministic). Ids 0, 1, 2 are `<s>`, `</s>`, `<pad>`. The cache
+folder and the plays come from data_prep/assets.py, the one caller (`load_tokenizer`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from data_prep.errors import DataError
@@ -43,12 +45,12 @@ def bpe_vocab_size(name: str) -> int | None:
     return n
 
 
-def training_texts() -> list[str]:
-    from data_prep.assets import resolve_corpus
+def training_texts(plays: list[str]) -> list[str]:
+    """The plays, then the synthetic retrieval documents."""
     from data_prep.synthetic import documents
     from finetune.recipe import SyntheticRetrievalSection
 
-    texts = [d["text"] for d in resolve_corpus("shakespeare")]
+    texts = list(plays)
     section = SyntheticRetrievalSection(documents=SYNTHETIC_DOCUMENTS, min_chars=200, max_chars=2000)
     texts += [doc["text"] for _, doc in documents(section)]
     return texts
@@ -77,17 +79,16 @@ def train_bpe(vocab_size: int, texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def bpe_tokenizer_dir(name: str) -> Path:
-    """The folder of the `bpe-<N>` tokenizer, built first if the cache does not hold it."""
-    from data_prep.assets import cache_dir
-
+def bpe_tokenizer_dir(name: str, cache: Path, plays: Callable[[], list[str]]) -> Path:
+    """The folder of the `bpe-<N>` tokenizer under ``cache``, built first (from ``plays()`` and
+    the synthetic documents) if the cache does not hold it."""
     vocab_size = bpe_vocab_size(name)
     if vocab_size is None:
         raise DataError(f"'{name}' is not a bpe-<N> tokenizer name")
-    out = cache_dir() / "tokenizers" / f"{name}-v{BUILD}"
+    out = Path(cache) / "tokenizers" / f"{name}-v{BUILD}"
     if (out / _MARKER).is_file():
         return out
-    tok = train_bpe(vocab_size, training_texts())
+    tok = train_bpe(vocab_size, training_texts(plays()))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from data_prep import DataError, bpe
-from data_prep.assets import load_tokenizer
+from data_prep.assets import cache_dir, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,8 @@ def built(tmp_path_factory):
     dirs = []
     for i in range(2):
         mp.setenv("LONGTUNE_CACHE", str(tmp_path_factory.mktemp(f"cache{i}")))
-        dirs.append(bpe.bpe_tokenizer_dir("bpe-400"))
+        load_tokenizer("bpe-400")  # builds it into this cache
+        dirs.append(bpe.bpe_tokenizer_dir("bpe-400", cache_dir(), lambda: pytest.fail("rebuilt although cached")))
     mp.undo()
     return dirs
 
@@ -44,11 +45,11 @@ def test_digits_are_single_tokens_and_specials_come_first(built, monkeypatch):
 
 def test_an_interrupted_build_is_redone(tmp_path, monkeypatch):
     monkeypatch.setenv("LONGTUNE_CACHE", str(tmp_path))
-    monkeypatch.setattr(bpe, "training_texts", lambda: ["abc 123 abcabc the the the"] * 50)
+    plays = lambda: ["abc 123 abcabc the the the"] * 50
     half = tmp_path / "tokenizers" / f"bpe-300-v{bpe.BUILD}"
     half.mkdir(parents=True)
     (half / "tokenizer.json").write_text("{")  # no marker: a build stopped half-way
-    out = bpe.bpe_tokenizer_dir("bpe-300")
+    out = bpe.bpe_tokenizer_dir("bpe-300", tmp_path, plays)
     assert out == half and (out / "longtune_bpe.json").is_file()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no temporary folder left"
 

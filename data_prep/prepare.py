@@ -217,14 +217,14 @@ def _pack(values, offsets, order, seq_length, sep, data, tokenizer):
     into ``order``, -1 for padding), docs (documents packed), tokens (theirs, with separators),
     tail (tokens dropped from the partial last row)."""
     sep_after = data.separator == "eos"
+    order = np.asarray(order, dtype=np.int64)
     if data.packing == "whole":
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (sep if sep is not None else 0)
         ids, pos, owner, tail = pack_whole(values, offsets, order, seq_length, sep, sep_after, int(pad))
     else:
         ids, pos, seg, tail = pack(values, offsets, order, seq_length, sep, sep_after)
         owner = owners(seg, len(ids), seq_length)
-    lens = offsets[np.asarray(order, dtype=np.int64) + 1] - offsets[np.asarray(order, dtype=np.int64)]
-    tokens = int(lens.sum()) + (0 if sep is None else len(order))
+    tokens = int((offsets[order + 1] - offsets[order]).sum()) + (0 if sep is None else len(order))
     return {"ids": ids, "pos": pos, "owner": owner, "docs": len(order), "tokens": tokens, "tail": int(tail)}
 
 

@@ -15,7 +15,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -148,20 +147,14 @@ def save_checkpoint(model, tokenizer, out_dir: Path, info: dict | None = None) -
         del model.config.quantization_config
     model.config._name_or_path = str(out_dir)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    from finetune.rundir import build_once
+
+    def write(tmp: Path) -> dict:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / _MARKER).write_text(json.dumps(info or {}, indent=2))  # written last: marks it complete
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if not (out_dir / _MARKER).is_file():  # unless a concurrent conversion won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+        return info or {}
+
+    return build_once(out_dir, _MARKER, write)
 
 
 def convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> Path:

@@ -15,11 +15,7 @@ folder and the plays come from data_prep/assets.py, the one caller (`load_tokeni
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,19 +84,11 @@ def bpe_tokenizer_dir(name: str, cache: Path, plays: Callable[[], list[str]]) ->
     out = Path(cache) / "tokenizers" / f"{name}-v{BUILD}"
     if (out / _MARKER).is_file():
         return out
-    tok = train_bpe(vocab_size, training_texts(plays()))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    from finetune.rundir import build_once
+
+    def write(tmp: Path) -> dict:
+        tok = train_bpe(vocab_size, training_texts(plays()))
         tok.save_pretrained(tmp)
-        (tmp / _MARKER).write_text(json.dumps({"name": name, "build": BUILD, "vocab_size": len(tok)}))
-        if out.exists():  # left by an interrupted build before the marker existed
-            shutil.rmtree(out, ignore_errors=True)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / _MARKER).is_file():  # unless a concurrent build won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        return {"name": name, "build": BUILD, "vocab_size": len(tok)}
+
+    return build_once(out, _MARKER, write)

@@ -63,11 +63,8 @@ def pack(
     Returns (input_ids [rows, seq_length], position_ids [rows, seq_length], segment lengths
     (document + separator, in stream order), tokens dropped from the partial last row).
     """
-    order = np.asarray(order, dtype=np.int64)
+    order, lens, seg = _segments(offsets, order, sep)
     starts = offsets[order].astype(np.int64)
-    lens = (offsets[order + 1] - offsets[order]).astype(np.int64)
-    extra = 0 if sep is None else 1
-    seg = lens + extra
     total = int(seg.sum())
     seg_start = np.zeros(len(seg), dtype=np.int64)
     if len(seg):
@@ -83,16 +80,30 @@ def pack(
     gather = np.repeat(starts - first, lens) + np.flatnonzero(doc_mask)
     stream[doc_mask] = values[gather]
 
+    reset = np.zeros(total, dtype=bool)
+    reset[seg_start[seg > 0]] = True
+    input_ids, position_ids, tail = _rows(stream, reset, seq_length)
+    return input_ids, position_ids, seg, tail
+
+
+def _segments(offsets: np.ndarray, order, sep: int | None):
+    """(order as int64, document lengths, segment lengths: document + separator) in stream order."""
+    order = np.asarray(order, dtype=np.int64)
+    lens = (offsets[order + 1] - offsets[order]).astype(np.int64)
+    return order, lens, lens + (0 if sep is None else 1)
+
+
+def _rows(stream: np.ndarray, reset: np.ndarray, seq_length: int):
+    """The stream cut into rows (the partial last one dropped) with positions that restart where
+    ``reset`` is set and at every row: (input_ids, position_ids, tokens dropped)."""
+    total = len(stream)
     rows = total // seq_length
     kept = rows * seq_length
-    reset = np.zeros(total, dtype=bool)
-    reset[seg_start[lens + extra > 0]] = True
+    reset = reset.copy()
     reset[::seq_length] = True
     idx = np.arange(total, dtype=np.int64)
     pos = idx - np.maximum.accumulate(np.where(reset, idx, 0))
-    input_ids = stream[:kept].reshape(rows, seq_length)
-    position_ids = pos[:kept].astype(np.int32).reshape(rows, seq_length)
-    return input_ids, position_ids, seg, total - kept
+    return stream[:kept].reshape(rows, seq_length), pos[:kept].astype(np.int32).reshape(rows, seq_length), total - kept
 
 
 def owners(seg: np.ndarray, rows: int, seq_length: int) -> np.ndarray:
@@ -121,10 +132,7 @@ def pack_whole(
     Returns (input_ids, position_ids, owner, tokens dropped from the partial last row), where
     ``owner`` [rows, seq_length] is the index into ``order`` of each token's document, -1 for pad.
     """
-    order = np.asarray(order, dtype=np.int64)
-    lens = (offsets[order + 1] - offsets[order]).astype(np.int64)
-    extra = 0 if sep is None else 1
-    seg = lens + extra
+    order, lens, seg = _segments(offsets, order, sep)
     short = seg <= seq_length
     long_ks = np.flatnonzero(~short)
     pieces: list[tuple[int, int, int]] = []  # (k into order or -1 = pad, start within segment, length)
@@ -181,17 +189,8 @@ def pack_whole(
     vals = np.where(is_sep, 0, values[offsets[order[ko]] + np.where(is_sep, 0, within)])
     stream[real] = np.where(is_sep, sep if sep is not None else 0, vals).astype(np.int32)
 
-    rows = total // seq_length
-    kept = rows * seq_length
     reset = np.zeros(total, dtype=bool)
     reset[piece_first[pn > 0]] = True
     reset[real] |= jo == 0  # a document starting inside a piece of the long stream
-    reset[::seq_length] = True
-    idx = np.arange(total, dtype=np.int64)
-    pos = idx - np.maximum.accumulate(np.where(reset, idx, 0))
-    return (
-        stream[:kept].reshape(rows, seq_length),
-        pos[:kept].astype(np.int32).reshape(rows, seq_length),
-        owner[:kept].reshape(rows, seq_length),
-        total - kept,
-    )
+    input_ids, position_ids, tail = _rows(stream, reset, seq_length)
+    return input_ids, position_ids, owner[: input_ids.size].reshape(input_ids.shape), tail

@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,29 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def build_once(out: str | Path, marker: str, write: Callable[[Path], dict]) -> Path:
+    """Write a cache folder `out` through `write(tmp)`, whose dict becomes `out/marker`, written
+    last: a folder with the marker is complete. A folder without it (a build killed half-way) is
+    replaced; when a concurrent builder renamed its complete folder first, that one is kept."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        info = write(tmp)
+        (tmp / marker).write_text(json.dumps(info, indent=2))
+        if out.exists() and not (out / marker).is_file():
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / marker).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def clean_leftovers(out: str | Path) -> list[Path]:
